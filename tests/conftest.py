@@ -1,0 +1,97 @@
+"""Shared fixtures: small real models with Lily adapters, made once per test session.
+
+* the packaged MiniLM (real pretrained weights) with a random-but-nonzero Lily adapter;
+* a tiny random ViT (image classification) with Lily on k_proj, v_proj;
+* a tiny random RoBERTa (biased projections) with Lily on query, value.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+
+def data_file(*parts: str) -> Path:
+    """A file under ../shared/data, or skip the test (a user's machine need not have it)."""
+    path = DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data {path} is not here (it lives in ../shared/data beside the project)")
+    return path
+
+
+def make_lily_adapter(base: str, out: Path, targets, num_labels=None, task_type="SEQ_CLS", r=8, num_b=3,
+                      stride=2, scale=0.5, seed=0) -> Path:
+    """Save a PEFT-Lily adapter with random non-zero HPs (as after training) onto ``base``."""
+    from peft import LilyConfig, get_peft_model
+
+    from lily_deploy.models import load_base
+
+    torch.manual_seed(seed)
+    task = {"SEQ_CLS": "seq-cls", None: "image-cls"}[task_type]
+    b = load_base(base, task=task, num_labels=num_labels)
+    cfg = LilyConfig(r=r, stride_A=stride, num_B=num_b, scaling=scale, target_modules=list(targets),
+                     modules_to_save=["classifier"], task_type=task_type, init_weights=False)
+    model = get_peft_model(b.model, cfg)
+    model.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def minilm_adapter(tmp_path_factory) -> Path:
+    return make_lily_adapter("minilm", tmp_path_factory.mktemp("minilm") / "adapter", ["query", "value"], num_labels=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_dir(tmp_path_factory) -> Path:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                    image_size=32, patch_size=8, num_labels=3)
+    out = tmp_path_factory.mktemp("vit") / "base"
+    ViTForImageClassification(cfg).save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_adapter(tiny_vit_dir, tmp_path_factory) -> Path:
+    return make_lily_adapter(str(tiny_vit_dir), tmp_path_factory.mktemp("vit") / "adapter", ["k_proj", "v_proj"],
+                             num_labels=3, task_type=None, stride=1, num_b=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta_dir(tmp_path_factory) -> Path:
+    """A tiny random RoBERTa (q/k/v with biases) with the MiniLM tokenizer beside it."""
+    from transformers import AutoTokenizer, RobertaConfig, RobertaForSequenceClassification
+
+    from lily_deploy.models import minilm_path
+
+    torch.manual_seed(0)
+    cfg = RobertaConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                        intermediate_size=64, pad_token_id=0, max_position_embeddings=258, num_labels=2,
+                        type_vocab_size=2)
+    out = tmp_path_factory.mktemp("roberta") / "base"
+    RobertaForSequenceClassification(cfg).save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta_adapter(tiny_roberta_dir, tmp_path_factory) -> Path:
+    return make_lily_adapter(str(tiny_roberta_dir), tmp_path_factory.mktemp("roberta") / "adapter",
+                             ["query", "value"], num_labels=2, num_b=4, stride=2, scale=1.0)
+
+
+SENTENCES = [
+    "a gripping, beautifully acted film",
+    "dull",
+    "the plot never quite comes together , and the jokes fall flat more often than not",
+    "an instant classic",
+    "i wanted to like it",
+]
