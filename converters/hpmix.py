@@ -101,3 +101,167 @@ def hp_mix(
 @hp_mix.register_fake
 def _hp_mix_fake(h, logits, hp, mask, mode, scale):
     return h.new_empty((*h.shape[:-1], hp.shape[-1]))
+
+
+# --------------------------------------------------------------------------------------
+# ONNX: schema, translation of the torch op into one lily::HPMix node, function bodies
+# --------------------------------------------------------------------------------------
+
+def register_onnx_schema() -> None:
+    """Register ``lily::HPMix`` with onnx so the exporter and the checker know its signature."""
+    import onnx
+    from onnx.defs import OpSchema
+
+    if onnx.defs.has(OP_TYPE, DOMAIN):
+        return
+    param = OpSchema.FormalParameter
+    schema = OpSchema(
+        OP_TYPE, DOMAIN, DOMAIN_VERSION,
+        doc="Lily HP mixing: y = scale * h @ sum_e p_e HP_e, p from softmax(router_logits) by routing `mode`.",
+        inputs=[
+            param("h", "T", "low-rank hidden h = x A^T, [..., r]"),
+            param("router_logits", "T", "router logits h R^T, [..., E]"),
+            param("hp", "T", "HP pool, [E*r, d_out]"),
+            param("mask", "M", "token mask [B, T] (sample mode)", param_option=OpSchema.FormalParameterOption.Optional),
+        ],
+        outputs=[param("y", "T", "scaled adapter output, [..., d_out]")],
+        type_constraints=[
+            ("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "float types"),
+            ("M", ["tensor(int64)", "tensor(int32)", "tensor(bool)", "tensor(float)", "tensor(float16)"], "mask types"),
+        ],
+        attributes=[
+            OpSchema.Attribute("mode", OpSchema.AttrType.STRING, "routing mode: batch, sample or token"),
+            OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "Lily scaling s"),
+        ],
+    )
+    onnx.defs.register_schema(schema)
+
+
+def onnx_translation():
+    """``custom_translation_table`` entry for ``torch.onnx.export``: one bare ``lily::HPMix`` node."""
+    import onnxscript
+
+    register_onnx_schema()
+    lily = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
+
+    def translate(h, logits, hp, mask=None, mode: str = "sample", scale: float = 1.0):
+        if mask is None:
+            return lily.HPMix(h, logits, hp, mode=mode, scale=scale)
+        return lily.HPMix(h, logits, hp, mask, mode=mode, scale=scale)
+
+    return {torch.ops.lily.hp_mix.default: translate}
+
+
+def function_body(mode: str, masked: bool, opset: int, rank: int, num_hp: int):
+    """The FunctionProto ``lily::HPMix`` for one variant, from standard ops of ``opset`` only.
+
+    ``rank`` and ``num_hp`` are the same for every layer of a Lily model (one config), so the
+    body reshapes with constant shapes (``0`` copies a dim, ``-1`` infers ``d_out``), which
+    onnxruntime and TensorRT fold at load time instead of computing shapes per call.
+    ``masked``: the node passes the token mask (sample mode).
+    """
+    import onnx
+    from onnx import helper
+
+    nodes = []
+
+    def node(op, inputs, outputs, **attrs):
+        nodes.append(helper.make_node(op, inputs, outputs, **attrs))
+        return outputs[0]
+
+    def ints(name, values):
+        return node("Constant", [], [name], value=helper.make_tensor(name, onnx.TensorProto.INT64, [len(values)], values))
+
+    inputs = ["h", "router_logits", "hp"] + (["mask"] if masked else [])
+    probs = node("Softmax", ["router_logits"], ["probs"], axis=-1)  # [..., E]
+    if mode == "token":
+        # sum_e P_e (h @ HP_e) == (P (x) h) @ HP: one matmul on the stacked pool
+        p4 = node("Unsqueeze", [probs, ints("minus1", [-1])], ["probs_u"])  # [..., E, 1]
+        h4 = node("Unsqueeze", ["h", ints("minus2", [-2])], ["h_u"])  # [..., 1, r]
+        z = node("Mul", [p4, h4], ["z"])  # [..., E, r]
+        lead = node("Shape", ["h"], ["lead"], end=-1)
+        zshape = node("Concat", [lead, ints("er", [num_hp * rank])], ["zshape"], axis=0)
+        zflat = node("Reshape", [z, zshape], ["zflat"])  # [..., E*r]
+        mixed = node("MatMul", [zflat, "hp"], ["mixed"])  # [..., d]
+    else:
+        pool = node("Reshape", ["hp", ints("pool_shape", [num_hp, -1])], ["pool"])  # [E, r*d]
+        if mode == "batch":
+            flat = node("Reshape", [probs, ints("flat_shape", [-1, num_hp])], ["probs_flat"])  # [N, E]
+            p = node("ReduceMean", [flat, ints("axis0", [0])], ["p"], keepdims=1)  # [1, E]
+            b_flat = node("MatMul", [p, pool], ["b_flat"])  # [1, r*d]
+            b_mix = node("Reshape", [b_flat, ints("b_shape", [rank, -1])], ["b_mix"])  # [r, d]
+        elif mode == "sample":
+            axis1 = ints("axis1", [1])
+            if masked:
+                m = node("CastLike", ["mask", probs], ["m"])
+                m3 = node("Unsqueeze", [m, ints("minus1", [-1])], ["m3"])  # [B, T, 1]
+                weighted = node("Mul", [probs, m3], ["weighted"])
+                num = node("ReduceSum", [weighted, axis1], ["num"], keepdims=0)  # [B, E]
+                den = node("ReduceSum", [m3, axis1], ["den"], keepdims=0)  # [B, 1]
+                one = node("CastLike", [node("Constant", [], ["one_f"], value_float=1.0), probs], ["one_t"])
+                p = node("Div", [num, node("Max", [den, one], ["den_safe"])], ["p"])  # [B, E]
+            else:
+                p = node("ReduceMean", [probs, axis1], ["p"], keepdims=0)  # [B, E]
+            b_flat = node("MatMul", [p, pool], ["b_flat"])  # [B, r*d]
+            b_mix = node("Reshape", [b_flat, ints("b_shape", [0, rank, -1])], ["b_mix"])  # [B, r, d]
+        else:
+            raise ValueError(f"no ONNX body for routing mode {mode!r}")
+        mixed = node("MatMul", ["h", b_mix], ["mixed"])  # [..., d]
+    scale_node = helper.make_node("Constant", [], ["scale_f"])
+    scale_node.attribute.append(helper.make_attribute_ref("value_float", onnx.AttributeProto.FLOAT))
+    scale_node.attribute[0].ref_attr_name = "scale"
+    nodes.append(scale_node)
+    scale_t = node("CastLike", ["scale_f", mixed], ["scale_t"])
+    node("Mul", [mixed, scale_t], ["y"])
+    return helper.make_function(
+        DOMAIN, OP_TYPE, inputs, ["y"], nodes,
+        opset_imports=[helper.make_opsetid("", opset)],
+        attributes=["mode", "scale"],
+    )
+
+
+def hpmix_nodes(model) -> list:
+    """Every ``lily::HPMix`` node of an ONNX model's main graph."""
+    return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE]
+
+
+def attach_function_bodies(model, rank: int, num_hp: int) -> list[str]:
+    """Add the FunctionProto every ``lily::HPMix`` node needs; returns the variants used.
+
+    One op (``lily::HPMix``) per model: every dynamic layer of an export shares the routing
+    mode, so one body serves all nodes. A model mixing variants is refused rather than run
+    with the wrong body.
+    """
+    import onnx
+
+    nodes = hpmix_nodes(model)
+    if not nodes:
+        return []
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    variants = set()
+    for n in nodes:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        mode = attrs["mode"].decode() if isinstance(attrs["mode"], bytes) else attrs["mode"]
+        masked = len(n.input) > 3 and n.input[3] != ""
+        if mode == "sample" and not masked and _input_rank(model, n.input[0]) == 2:
+            mode = "token"  # one token per sample: sample routing is token routing
+            for a in n.attribute:
+                if a.name == "mode":
+                    a.s = b"token"
+        variants.add((mode, masked))
+    if len(variants) > 1:
+        raise ValueError(f"lily::HPMix nodes use several variants {sorted(variants)}; one export uses one")
+    (mode, masked), = variants
+    del model.functions[:]
+    model.functions.append(function_body(mode, masked, opset, rank, num_hp))
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+    return [f"{mode}{'+mask' if masked else ''}"]
+
+
+def _input_rank(model, name: str):
+    """Rank of a value in the exporter's shape annotations (None when unknown)."""
+    for vi in list(model.graph.value_info) + list(model.graph.input):
+        if vi.name == name and vi.type.tensor_type.HasField("shape"):
+            return len(vi.type.tensor_type.shape.dim)
+    return None

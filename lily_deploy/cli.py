@@ -82,6 +82,10 @@ def cli(ctx, debug):
 
 
 def main() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     cli(prog_name="lily-deploy")
 
 

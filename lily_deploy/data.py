@@ -75,6 +75,15 @@ class LabelMap:
         return len(self.labels)
 
 
+def model_label_map(labels: Optional[Sequence[str]], num_labels: Optional[int] = None) -> Optional[LabelMap]:
+    """The label map of a model; Hugging Face's placeholder names LABEL_i mean integer labels i."""
+    if not labels:
+        return LabelMap([str(i) for i in range(num_labels)]) if num_labels else None
+    if all(str(l) == f"LABEL_{i}" for i, l in enumerate(labels)):
+        return LabelMap([str(i) for i in range(len(labels))])
+    return LabelMap(labels)
+
+
 def _is_int(v: str) -> bool:
     try:
         int(v)

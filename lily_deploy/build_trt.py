@@ -1,0 +1,906 @@
+"""Build TensorRT and TensorRT-for-RTX engines from ONNX, and say what was built.
+
+One builder serves both backends: standard TensorRT (``tensorrt``, 10 or 11, needs a GPU to
+build) and TensorRT for RTX (``tensorrt_rtx``, builds ahead of time for named compute
+capabilities on a machine with no GPU, which is how CI builds real engines). Networks are
+strongly typed: precision comes from the graph (casts for FP16, Q/DQ for INT8); TensorRT 10's
+legacy precision flags are used only when asked for and only where the backend still has them.
+
+Every engine gets a report beside it (``model.plan.json``): backend and version, target
+compute capabilities, optimization profiles, I/O, build time and size, the graph's precision
+summary, and (with a GPU) the engine inspector's layer list. The runner reads the report to
+refuse an engine built for another GPU or TensorRT version with a clear message.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .errors import LilyDeployError
+from .fileio import atomic_file, check_output_parent, sha256_file, write_json
+
+BACKENDS = ("auto", "tensorrt", "tensorrt-rtx")
+MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
+INSTALL = {
+    "tensorrt": "pip install 'lily-deploy[tensorrt]'",
+    "tensorrt-rtx": "pip install 'lily-deploy[tensorrt-rtx]'",
+}
+PRETTY = {"tensorrt": "TensorRT", "tensorrt-rtx": "TensorRT-RTX"}
+# dynamic axes of the exported graphs and their default ranges (min, max); opt is the middle
+DEFAULT_RANGES = {"batch": (1, 32), "sequence": (1, 512)}
+DEFAULT_RTX_TARGET = "sm89"
+REPORT_SUFFIX = ".json"
+ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool",
+               10: "float16", 11: "float64", 12: "uint32", 13: "uint64", 16: "bfloat16",
+               17: "float8e4m3fn", 19: "float8e5m2", 21: "uint4", 22: "int4", 23: "float4e2m1"}
+ITEMSIZE = {"float32": 4, "uint8": 1, "int8": 1, "int16": 2, "int32": 4, "int64": 8, "bool": 1, "float16": 2,
+            "float64": 8, "uint32": 4, "uint64": 8, "bfloat16": 2, "float8e4m3fn": 1, "float8e5m2": 1,
+            "uint4": 0.5, "int4": 0.5, "float4e2m1": 0.5}
+
+
+# ---------------------------------------------------------------------------------------
+# backends
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class Backend:
+    """An imported TensorRT flavour: its name, module and version."""
+
+    name: str  # "tensorrt" or "tensorrt-rtx"
+    trt: Any
+    version: str
+
+    @property
+    def rtx(self) -> bool:
+        return self.name == "tensorrt-rtx"
+
+    @property
+    def pretty(self) -> str:
+        return f"{PRETTY[self.name]} {self.version}"
+
+    @property
+    def has_precision_flags(self) -> bool:
+        """TensorRT 10 still has FP16/INT8 builder flags; TensorRT 11 and RTX do not."""
+        return hasattr(self.trt.BuilderFlag, "FP16")
+
+
+def _import(name: str):
+    import importlib
+
+    try:
+        return importlib.import_module(MODULES[name]), None
+    except ImportError as exc:  # not installed, or its native libraries are missing
+        return None, exc
+    except OSError as exc:
+        return None, exc
+
+
+def cuda_available() -> bool:
+    """Whether a CUDA GPU is visible (through torch, which every GPU user of this tool has)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def load_backend(name: str = "auto") -> Backend:
+    """Import the TensorRT flavour ``name`` (``auto``: TensorRT with a GPU, else TensorRT-RTX)."""
+    if name not in BACKENDS:
+        raise LilyDeployError(f"--backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    if name == "auto":
+        order = ["tensorrt", "tensorrt-rtx"] if cuda_available() else ["tensorrt-rtx", "tensorrt"]
+        for candidate in order:
+            module, _ = _import(candidate)
+            if module is not None:
+                return Backend(candidate, module, module.__version__)
+        raise LilyDeployError(
+            "no TensorRT backend is installed: install TensorRT for RTX (builds without a GPU) with "
+            f"{INSTALL['tensorrt-rtx']}, or TensorRT with {INSTALL['tensorrt']}"
+        )
+    module, exc = _import(name)
+    if module is None:
+        why = "is not installed" if isinstance(exc, ModuleNotFoundError) else f"cannot be imported ({exc})"
+        raise LilyDeployError(f"--backend {name}: {PRETTY[name]} (module {MODULES[name]}) {why}; "
+                              f"install it with {INSTALL[name]}")
+    return Backend(name, module, module.__version__)
+
+
+# ---------------------------------------------------------------------------------------
+# flags: sizes, compute capabilities, shape specs
+# ---------------------------------------------------------------------------------------
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 10 ** 3, "m": 1 << 20, "mib": 1 << 20,
+          "mb": 10 ** 6, "g": 1 << 30, "gib": 1 << 30, "gb": 10 ** 9, "t": 1 << 40, "tib": 1 << 40, "tb": 10 ** 12}
+
+
+def parse_size(text: str, flag: str = "--workspace") -> int:
+    """``2GiB``, ``512MiB``, ``1.5G`` (K/M/G binary like trtexec, KB/MB/GB decimal), ``4096`` bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise LilyDeployError(f"{flag} {text!r}: expected a size such as 2GiB, 512MiB or 1048576")
+    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise LilyDeployError(f"{flag} {text!r}: must be more than 0 bytes")
+    return value
+
+
+def format_size(n: Optional[int]) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def parse_compute_capability(text: str, backend: Backend) -> str:
+    """``sm89`` / ``89`` / ``8.9`` / ``current`` -> the backend's enum member name (``SM89``)."""
+    raw = str(text).strip().lower()
+    if raw == "current":
+        name = "CURRENT"
+    else:
+        m = re.fullmatch(r"(?:sm_?)?(\d+)(?:\.(\d+))?", raw)
+        if not m:
+            name = None
+        else:
+            name = f"SM{m.group(1)}{m.group(2) or ''}"
+    members = [n for n in dir(backend.trt.ComputeCapability) if n.startswith("SM")]
+    if name is None or (name != "CURRENT" and name not in members):
+        known = ", ".join(n.lower() for n in sorted(members, key=lambda s: int(s[2:]))) + ", current"
+        raise LilyDeployError(f"--compute-capability {text!r}: {backend.pretty} targets {known}")
+    return name
+
+
+def parse_shape_spec(text: str, flag: str) -> dict[str, tuple[int, ...]]:
+    """trtexec's ``name:1x128,other:1x128`` -> ``{name: (1, 128), ...}`` (names may hold ':')."""
+    out: dict[str, tuple[int, ...]] = {}
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, sep, dims = part.rpartition(":")
+        name = name.strip().strip("'\"")
+        if not sep or not name or not dims.strip():
+            raise LilyDeployError(f"{flag} {part!r}: expected NAME:DIMS such as input_ids:1x128")
+        try:
+            shape = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            raise LilyDeployError(f"{flag} {part!r}: dims must be integers joined by 'x', e.g. 1x128") from None
+        if any(d < 1 for d in shape):
+            raise LilyDeployError(f"{flag} {part!r}: every dim must be at least 1")
+        if name in out:
+            raise LilyDeployError(f"{flag} {text!r}: input {name!r} is given twice")
+        out[name] = shape
+    if not out:
+        raise LilyDeployError(f"{flag} {text!r}: expected NAME:DIMS such as input_ids:1x128")
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# the ONNX side: I/O, dynamic axes, precision summary
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class TensorSpec:
+    name: str
+    dims: list  # int for a fixed dim, str for a named dynamic dim, None for an unnamed one
+    dtype: str
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "shape": self.dims, "dtype": self.dtype}
+
+
+def load_onnx(path: str | os.PathLike):
+    """The ONNX model without its external weights (enough for I/O and the precision summary)."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise LilyDeployError(f"{path}: no such ONNX file")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends: the file is not ONNX
+        raise LilyDeployError(f"{path}: not an ONNX model ({type(exc).__name__}: {exc})") from None
+
+
+def _tensor_spec(value_info) -> TensorSpec:
+    t = value_info.type.tensor_type
+    dims: list = []
+    for d in t.shape.dim:
+        if d.HasField("dim_value") and d.dim_value > 0:
+            dims.append(int(d.dim_value))
+        elif d.dim_param:
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return TensorSpec(value_info.name, dims, ONNX_DTYPES.get(t.elem_type, str(t.elem_type)))
+
+
+def onnx_io(model) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Graph inputs (initializers excluded, as older exporters list them too) and outputs."""
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [_tensor_spec(v) for v in model.graph.input if v.name not in inits]
+    outputs = [_tensor_spec(v) for v in model.graph.output]
+    return inputs, outputs
+
+
+def axis_kind(name, axis: int) -> Optional[str]:
+    """Which default range a dynamic axis gets: batch, sequence, or None (the user must say)."""
+    low = (name or "").lower()
+    if "batch" in low or low in ("n", "b", "bs") or (not low and axis == 0):
+        return "batch"
+    if any(k in low for k in ("seq", "len", "token", "time")) or (not low and axis == 1):
+        return "sequence"
+    return None
+
+
+def precision_summary(model) -> dict:
+    """What precision the graph asks for: Q/DQ counts, casts, initializer dtypes, custom ops."""
+    import onnx
+
+    nodes = list(model.graph.node) + [n for f in model.functions for n in f.node]
+    count = lambda op: sum(1 for n in nodes if n.op_type == op and n.domain in ("", "ai.onnx"))  # noqa: E731
+    casts: dict[str, int] = {}
+    for n in nodes:
+        if n.op_type == "Cast" and n.domain in ("", "ai.onnx"):
+            to = next((a.i for a in n.attribute if a.name == "to"), None)
+            key = ONNX_DTYPES.get(to, str(to))
+            casts[key] = casts.get(key, 0) + 1
+    inits: dict[str, dict] = {}
+    for t in model.graph.initializer:
+        dtype = ONNX_DTYPES.get(t.data_type, str(t.data_type))
+        numel = 1
+        for d in t.dims:
+            numel *= int(d)
+        entry = inits.setdefault(dtype, {"count": 0, "bytes": 0})
+        entry["count"] += 1
+        entry["bytes"] += int(numel * ITEMSIZE.get(dtype, 0))
+    q, dq = count("QuantizeLinear"), count("DequantizeLinear")
+    custom: dict[str, int] = {}
+    for n in model.graph.node:
+        if n.domain not in ("", "ai.onnx", "ai.onnx.ml"):
+            key = f"{n.domain}::{n.op_type}"
+            custom[key] = custom.get(key, 0) + 1
+    quant_types = sorted({ONNX_DTYPES.get(t.data_type, "?") for t in model.graph.initializer
+                          if t.name in {n.input[2] for n in nodes if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                                        and len(n.input) > 2}})
+    if q or dq:
+        label = "int8 (Q/DQ)" if not quant_types or "int8" in quant_types else f"{'/'.join(quant_types)} (Q/DQ)"
+    elif casts.get("float16") or "float16" in inits:
+        label = "fp16"
+    elif casts.get("bfloat16") or "bfloat16" in inits:
+        label = "bf16"
+    else:
+        label = "fp32"
+    return {
+        "label": label,
+        "quantize_linear": q,
+        "dequantize_linear": dq,
+        "casts": dict(sorted(casts.items())),
+        "fp16_casts": casts.get("float16", 0),
+        "initializers": dict(sorted(inits.items())),
+        "custom_ops": dict(sorted(custom.items())),
+        "local_functions": sorted(f"{f.domain}::{f.name}" for f in model.functions),
+        "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None),
+        "ir_version": model.ir_version,
+        "onnx_version": onnx.__version__,
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# optimization profiles
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class Profile:
+    """One optimization profile: ``{input: (min, opt, max)}``, each a shape tuple."""
+
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
+
+    def as_dict(self) -> dict:
+        return {name: {"min": list(a), "opt": list(b), "max": list(c)} for name, (a, b, c) in self.shapes.items()}
+
+    def fits(self, shapes: dict[str, Sequence[int]]) -> bool:
+        for name, shape in shapes.items():
+            if name not in self.shapes:
+                continue
+            lo, _, hi = self.shapes[name]
+            if len(shape) != len(lo) or any(not (a <= s <= b) for a, s, b in zip(lo, shape, hi)):
+                return False
+        return True
+
+
+def _fmt(shape) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def resolve_profiles(inputs: list[TensorSpec], shapes: Sequence[str] = (), min_shapes: Sequence[str] = (),
+                     opt_shapes: Sequence[str] = (), max_shapes: Sequence[str] = ()) -> list[Profile]:
+    """Optimization profiles from trtexec-style flags, defaults from the ONNX's dynamic axes.
+
+    Each ``--shapes`` gives one fixed profile; the k-th ``--min/--opt/--max-shapes`` together give
+    the k-th profile. An input left out takes its named dims from the inputs given (``batch`` and
+    ``sequence`` are shared by input_ids, attention_mask, ...) and the default range otherwise.
+    """
+    shapes, min_shapes, opt_shapes, max_shapes = (list(x or ()) for x in (shapes, min_shapes, opt_shapes, max_shapes))
+    if shapes and (min_shapes or opt_shapes or max_shapes):
+        raise LilyDeployError("--shapes gives fixed shapes: do not mix it with --min-shapes/--opt-shapes/--max-shapes")
+    if shapes:
+        groups = [(parse_shape_spec(s, "--shapes"),) * 3 for s in shapes]
+        flags = ("--shapes",) * 3
+    elif min_shapes or opt_shapes or max_shapes:
+        counts = {"--min-shapes": len(min_shapes), "--opt-shapes": len(opt_shapes), "--max-shapes": len(max_shapes)}
+        n = max(counts.values())
+        uneven = {f: c for f, c in counts.items() if c not in (0, n)}
+        if uneven:
+            said = ", ".join(f"{f} {c}x" for f, c in counts.items())
+            raise LilyDeployError(f"{said}: give each of these once per profile (or not at all)")
+        groups = [tuple(parse_shape_spec(lst[k], f) if lst else {} for lst, f in
+                        ((min_shapes, "--min-shapes"), (opt_shapes, "--opt-shapes"), (max_shapes, "--max-shapes")))
+                  for k in range(n)]
+        flags = ("--min-shapes", "--opt-shapes", "--max-shapes")
+    else:
+        groups = [({}, {}, {})]
+        flags = ("--min-shapes", "--opt-shapes", "--max-shapes")
+
+    by_name = {t.name: t for t in inputs}
+    profiles = []
+    for k, group in enumerate(groups):
+        where = f"profile {k}" if len(groups) > 1 else "the profile"
+        for spec, flag in zip(group, flags):
+            for name, shape in spec.items():
+                if name not in by_name:
+                    raise LilyDeployError(f"{flag} {name}:{_fmt(shape)}: the ONNX has no input {name!r} "
+                                          f"(inputs: {', '.join(by_name)})")
+                want = by_name[name].dims
+                if len(shape) != len(want):
+                    raise LilyDeployError(f"{flag} {name}:{_fmt(shape)}: input {name} has {len(want)} dims "
+                                          f"({_fmt(d if d is not None else '?' for d in want)}), not {len(shape)}")
+                for axis, (d, w) in enumerate(zip(shape, want)):
+                    if isinstance(w, int) and d != w:
+                        raise LilyDeployError(f"{flag} {name}:{_fmt(shape)}: axis {axis} of {name} is fixed at "
+                                              f"{w} in the ONNX, not {d}")
+        # named dims seen in the given specs: {dim name: value} for min, opt, max
+        named = [{}, {}, {}]
+        for j, spec in enumerate(group):
+            for name, shape in spec.items():
+                for axis, w in enumerate(by_name[name].dims):
+                    if isinstance(w, str):
+                        prev = named[j].setdefault(w, (shape[axis], name))
+                        if prev[0] != shape[axis]:
+                            raise LilyDeployError(
+                                f"{flags[j]}: {prev[1]} and {name} give dim {w!r} different sizes "
+                                f"({prev[0]} and {shape[axis]}) in {where}")
+        resolved = {}
+        for t in inputs:
+            lo, mid, hi = [], [], []
+            for axis, w in enumerate(t.dims):
+                if isinstance(w, int):
+                    lo.append(w), mid.append(w), hi.append(w)
+                    continue
+                given = []
+                for j in range(3):
+                    if t.name in group[j]:
+                        given.append(group[j][t.name][axis])
+                    elif isinstance(w, str) and w in named[j]:
+                        given.append(named[j][w][0])
+                    else:
+                        given.append(None)
+                kind = axis_kind(w, axis)
+                if kind is None and None in given:
+                    raise LilyDeployError(
+                        f"input {t.name} axis {axis} ({w or 'unnamed'}) is dynamic with no default range: "
+                        f"give it with --shapes or --min-shapes/--opt-shapes/--max-shapes")
+                dlo, dhi = DEFAULT_RANGES.get(kind, (None, None))
+                a, b, c = given
+                if a is None:
+                    a = min([dlo, *(v for v in (b, c) if v is not None)])
+                if c is None:
+                    c = max([dhi, *(v for v in (a, b) if v is not None)])
+                if b is None:
+                    b = (a + c) // 2
+                if not a <= b <= c:
+                    raise LilyDeployError(
+                        f"{where}: input {t.name} axis {axis} ({w or 'unnamed'}) has min {a}, opt {b}, max {c}: "
+                        f"need min <= opt <= max (--min-shapes/--opt-shapes/--max-shapes)")
+                lo.append(a), mid.append(b), hi.append(c)
+            resolved[t.name] = (tuple(lo), tuple(mid), tuple(hi))
+        profiles.append(Profile(resolved))
+    return profiles
+
+
+# ---------------------------------------------------------------------------------------
+# logging, parse errors, progress, Ctrl-C
+# ---------------------------------------------------------------------------------------
+
+class BuildError(LilyDeployError):
+    """A user error whose message is several lines: one per parse or build error."""
+
+    def __init__(self, headline: str, lines: Sequence[str]):
+        Exception.__init__(self, "\n".join([" ".join(str(headline).split())]
+                                           + ["  " + " ".join(str(x).split()) for x in lines]))
+        self.lines = list(lines)
+
+
+def _make_logger(trt, verbose: bool = False):
+    class CollectingLogger(trt.ILogger):
+        """Keeps TensorRT's errors for our one-line messages; prints only with --verbose."""
+
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+            self.warnings: list[str] = []
+            self.verbose = verbose
+
+        def log(self, severity, msg):
+            if severity <= trt.ILogger.Severity.ERROR:
+                self.errors.append(msg)
+            elif severity == trt.ILogger.Severity.WARNING:
+                self.warnings.append(msg)
+            if self.verbose and severity <= trt.ILogger.Severity.INFO:
+                print(f"[{str(severity).split('.')[-1]}] {msg}", file=sys.stderr)
+
+    return CollectingLogger()
+
+
+def _node_index(model) -> dict[str, str]:
+    """node name -> ``domain::op`` over the main graph and every local function."""
+    out = {}
+    for n in list(model.graph.node) + [n for f in model.functions for n in f.node]:
+        if n.name:
+            out.setdefault(n.name, f"{n.domain + '::' if n.domain not in ('', 'ai.onnx') else ''}{n.op_type}")
+    return out
+
+
+def parse_error_lines(parser, model, onnx_path) -> list[str]:
+    """One line per parser error: node name, op type, local-function stack, reason."""
+    index = _node_index(model)
+    lines = []
+    for i in range(parser.num_errors):
+        e = parser.get_error(i)
+        name = e.node_name() if hasattr(e, "node_name") else ""
+        op = e.node_operator() if hasattr(e, "node_operator") else ""
+        stack = list(e.local_function_stack()) if hasattr(e, "local_function_stack") else []
+        code = str(e.code()).split(".")[-1]
+        desc = e.desc()
+        if "Plugin not found" in desc:
+            reason = ("no TensorRT importer, model-local function or registered plugin for this op "
+                      "(a custom op needs its FunctionProto body in the file, or --plugin-route)")
+        elif code == "UNSUPPORTED_NODE":
+            reason = f"TensorRT does not support this node ({desc}; {e.func()} in {e.file()})"
+        else:
+            reason = f"{code.lower()}: {desc}"
+        if e.node() < 0 and not name:
+            lines.append(f"{onnx_path}: {reason}")
+            continue
+        where = f"node {name!r} ({index.get(name, op)})"
+        if stack:
+            where += " in local function " + " > ".join(stack)
+        lines.append(f"{where}: {reason}")
+    return lines
+
+
+class _Interrupt:
+    """Turns Ctrl-C during a build into a clean cancel: the monitor returns False, we raise after."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+def _make_monitor(trt, interrupt: _Interrupt, progress: bool):
+    from tqdm.auto import tqdm
+
+    class Monitor(trt.IProgressMonitor):
+        """A tqdm bar over the top-level build phases; cancels the build on Ctrl-C."""
+
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+            self.bar = None
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            if parent_phase is None and progress and self.bar is None:
+                self.bar = tqdm(total=num_steps, desc="build-trt", unit="step", file=sys.stderr, leave=False)
+            elif parent_phase is not None and self.bar is not None:
+                self.bar.set_postfix_str(phase_name[:40])
+
+        def step_complete(self, phase_name, step):
+            if self.bar is not None and phase_name == "Building engine":
+                self.bar.update(1)
+            return not interrupt.requested
+
+        def phase_finish(self, phase_name):
+            if phase_name == "Building engine" and self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return Monitor()
+
+
+def _build_serialized(builder, network, config):
+    """The one call that builds (kept apart so tests can interrupt it)."""
+    return builder.build_serialized_network(network, config)
+
+
+# ---------------------------------------------------------------------------------------
+# the build
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class BuildReport:
+    """What was built, as written to ``<engine>.json``."""
+
+    data: dict = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.data["engine"]["path"])
+
+    def __getitem__(self, key):
+        return self.data[key]
+
+    def table(self) -> str:
+        return format_report(self.data)
+
+
+def report_path(engine: str | os.PathLike) -> Path:
+    return Path(str(engine) + REPORT_SUFFIX)
+
+
+def _trt_dtype(dt) -> str:
+    name = str(dt).split(".")[-1].lower()
+    return {"float": "float32", "half": "float16", "bf16": "bfloat16", "int8": "int8", "int32": "int32",
+            "int64": "int64", "bool": "bool", "uint8": "uint8", "fp8": "float8", "int4": "int4"}.get(name, name)
+
+
+def _gpu_info() -> Optional[dict]:
+    if not cuda_available():
+        return None
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    return {"name": torch.cuda.get_device_name(), "compute_capability": f"sm{major}{minor}"}
+
+
+def _inspect_layers(backend: Backend, engine_bytes, logger) -> tuple[Optional[dict], str]:
+    """Layer information from the engine inspector (needs a GPU to deserialize)."""
+    trt = backend.trt
+    runtime = trt.Runtime(logger)
+    engine = runtime.deserialize_cuda_engine(engine_bytes)
+    if engine is None:
+        return None, "engine inspector: the engine did not deserialize here: " + "; ".join(logger.errors[-2:])
+    inspector = engine.create_engine_inspector()
+    info = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+    layers = info.get("Layers", [])
+    types: dict[str, int] = {}
+    rows = []
+    for layer in layers:
+        if isinstance(layer, str):
+            rows.append({"name": layer})
+            continue
+        ltype = layer.get("LayerType", "?")
+        types[ltype] = types.get(ltype, 0) + 1
+        outs = layer.get("Outputs", [])
+        rows.append({"name": layer.get("Name"), "type": ltype,
+                     "outputs": [o.get("Format/Datatype") for o in outs if isinstance(o, dict)]})
+    return {"count": len(layers), "by_type": dict(sorted(types.items())), "layers": rows}, ""
+
+
+def build_engine(
+    onnx_path: str | os.PathLike,
+    output: Optional[str | os.PathLike] = None,
+    backend: str = "auto",
+    shapes: Sequence[str] = (),
+    min_shapes: Sequence[str] = (),
+    opt_shapes: Sequence[str] = (),
+    max_shapes: Sequence[str] = (),
+    workspace: Optional[str | int] = None,
+    timing_cache: Optional[str | os.PathLike] = None,
+    compute_capabilities: Sequence[str] = (),
+    plugin_route: bool = False,
+    fp16: bool = False,
+    int8: bool = False,
+    verbose: bool = False,
+    progress: bool = True,
+) -> BuildReport:
+    """Build an engine from ``onnx_path`` into ``output`` (default: beside it, ``.plan``) and report.
+
+    Bad input raises :class:`LilyDeployError` before any long work where it can be seen early
+    (missing file, malformed flags, unwritable output); parse and build failures list every
+    error TensorRT gave, one per line. The engine and report are written atomically: a failure
+    or Ctrl-C leaves neither a partial engine nor a temporary file.
+    """
+    onnx_path = Path(onnx_path)
+    output = Path(output) if output is not None else onnx_path.with_suffix(".plan")
+    check_output_parent(output, "-o")
+    if output.exists() and output.is_dir():
+        raise LilyDeployError(f"-o {output}: is a folder; give the engine file's path")
+    model = load_onnx(onnx_path)
+    inputs, outputs = onnx_io(model)
+    profiles = resolve_profiles(inputs, shapes, min_shapes, opt_shapes, max_shapes)
+    workspace_bytes = parse_size(workspace) if isinstance(workspace, str) else workspace
+    if workspace_bytes is not None and workspace_bytes <= 0:
+        raise LilyDeployError(f"--workspace {workspace}: must be more than 0 bytes")
+    be = load_backend(backend)
+    trt = be.trt
+    notes: list[str] = []
+
+    gpu = _gpu_info()
+    targets: list[str] = []
+    if be.rtx:
+        targets = [parse_compute_capability(c, be) for c in compute_capabilities]
+        if not targets:
+            targets = ["CURRENT"] if gpu else [parse_compute_capability(DEFAULT_RTX_TARGET, be)]
+            if not gpu:
+                notes.append(f"no GPU here: built ahead of time for {DEFAULT_RTX_TARGET} "
+                             "(name targets with --compute-capability)")
+        if "CURRENT" in targets and not gpu:
+            raise LilyDeployError("--compute-capability current: no GPU is visible here; name a target such as sm89")
+        targets = list(dict.fromkeys(targets))
+    elif compute_capabilities:
+        raise LilyDeployError(f"--compute-capability is for TensorRT-RTX ahead-of-time builds; {be.pretty} "
+                              "builds for the GPU it runs on (use --backend tensorrt-rtx)")
+    legacy = [f for f, on in (("FP16", fp16), ("INT8", int8)) if on]
+    if legacy and not be.has_precision_flags:
+        raise LilyDeployError(
+            f"--{legacy[0].lower()}: {be.pretty} has no precision flags: networks are strongly typed and "
+            "precision comes from the ONNX (make FP16/INT8 graphs with lily-deploy quantize)")
+
+    route = "function-inlining"
+    parse_bytes = None
+    if plugin_route:
+        from converters.trt_plugin import mark_plugin_nodes, register_plugin
+
+        marked = mark_plugin_nodes(model)
+        if not marked:
+            raise LilyDeployError(f"--plugin-route: {onnx_path} has no lily::HPMix nodes to route to the plugin")
+        register_plugin(be)
+        parse_bytes = model.SerializeToString()
+        route = f"plugin ({len(marked)} lily::HPMix nodes)"
+
+    logger = _make_logger(trt, verbose)
+    try:
+        builder = trt.Builder(logger)
+    except (TypeError, RuntimeError) as exc:
+        raise LilyDeployError(
+            f"{be.pretty} could not create a builder ({exc}): standard TensorRT needs a CUDA GPU and driver to "
+            "build; TensorRT-RTX builds without one (--backend tensorrt-rtx)") from None
+    flags = 0
+    strongly_typed = not legacy and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
+    if strongly_typed:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if parse_bytes is not None:
+        ok = parser.parse(parse_bytes, str(onnx_path))
+    else:
+        ok = parser.parse_from_file(str(onnx_path))
+    if not ok:
+        lines = parse_error_lines(parser, model, onnx_path) or logger.errors or ["(no detail from the parser)"]
+        raise BuildError(f"{onnx_path}: {be.pretty}'s ONNX parser failed on {len(lines)} "
+                         f"node{'s' if len(lines) != 1 else ''}:", lines)
+
+    net_inputs = [network.get_input(i) for i in range(network.num_inputs)]
+    net_outputs = [network.get_output(i) for i in range(network.num_outputs)]
+    missing = [t.name for t in inputs if t.name not in {x.name for x in net_inputs}]
+    if missing:
+        raise LilyDeployError(f"{onnx_path}: the parsed network lacks inputs {missing}")
+
+    config = builder.create_builder_config()
+    for k, prof in enumerate(profiles):
+        p = builder.create_optimization_profile()
+        for name, (lo, mid, hi) in prof.shapes.items():
+            p.set_shape(name, lo, mid, hi)
+        if config.add_optimization_profile(p) < 0:
+            raise LilyDeployError(f"profile {k} was rejected by {be.pretty}: " + "; ".join(logger.errors[-2:]))
+    if workspace_bytes is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+    if be.rtx:
+        config.num_compute_capabilities = len(targets)
+        for i, name in enumerate(targets):
+            config.set_compute_capability(getattr(trt.ComputeCapability, name), i)
+    for flag in legacy:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    if hasattr(trt, "ProfilingVerbosity"):
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+
+    cache_info = None
+    cache = None
+    if timing_cache is not None:
+        timing_cache = Path(timing_cache)
+        check_output_parent(timing_cache, "--timing-cache")
+        blob = timing_cache.read_bytes() if timing_cache.is_file() else b""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cache = config.create_timing_cache(blob)
+            if cache is None or not config.set_timing_cache(cache, False):
+                raise LilyDeployError(f"--timing-cache {timing_cache}: not a timing cache {be.pretty} can read "
+                                      "(delete it to start a new one)")
+        cache_info = {"path": str(timing_cache), "loaded_bytes": len(blob), "saved_bytes": None}
+        if any("no-op" in str(w.message) for w in caught):
+            cache_info["note"] = f"{be.pretty} ignores timing caches (kept for scripts shared with TensorRT)"
+
+    interrupt = _Interrupt()
+    if hasattr(config, "progress_monitor"):
+        monitor = _make_monitor(trt, interrupt, progress)
+        config.progress_monitor = monitor
+    started = time.perf_counter()
+    with atomic_file(output, "-o") as tmp, interrupt:
+        serialized = _build_serialized(builder, network, config)
+        if interrupt.requested:
+            raise KeyboardInterrupt
+        if serialized is None:
+            raise BuildError(f"{onnx_path}: {be.pretty} failed to build the engine"
+                             + (f" for {', '.join(t.lower() for t in targets)}" if targets else "") + ":",
+                             _build_error_lines(logger.errors, workspace_bytes))
+        build_seconds = time.perf_counter() - started
+        with open(tmp, "wb") as f:
+            f.write(memoryview(serialized))
+    engine_bytes = output.stat().st_size
+
+    if cache is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            blob = bytes(memoryview(cache.serialize()))
+        with atomic_file(timing_cache, "--timing-cache") as tmp:
+            tmp.write_bytes(blob)
+        cache_info["saved_bytes"] = len(blob)
+
+    layers, layers_note = None, "no CUDA GPU on the build machine: the engine inspector needs one"
+    if gpu is not None:
+        cc = gpu["compute_capability"].upper()
+        if be.rtx and "CURRENT" not in targets and cc not in targets:
+            layers_note = f"engine targets {', '.join(t.lower() for t in targets)}, this GPU is {cc.lower()}"
+        else:
+            layers, layers_note = _inspect_layers(be, serialized, logger)
+
+    meta = {p.key: p.value for p in model.metadata_props if p.key.startswith("lily_deploy.")}
+    report = {
+        "engine": {"path": str(output), "bytes": engine_bytes, "sha256": sha256_file(output)},
+        "onnx": {"path": str(onnx_path), "sha256": sha256_file(onnx_path),
+                 "routing": meta.get("lily_deploy.routing"), "ops": meta.get("lily_deploy.ops")},
+        "backend": {"name": be.name, "module": MODULES[be.name], "version": be.version,
+                    "onnx_parser": _parser_version(trt)},
+        "target": {
+            "compute_capabilities": ([gpu["compute_capability"] if t == "CURRENT" and gpu else t.lower()
+                                      for t in targets] if be.rtx else
+                                     ([gpu["compute_capability"]] if gpu else [])),
+            "build_gpu": gpu,
+            "ahead_of_time": bool(be.rtx and gpu is None),
+        },
+        "route": route,
+        "strongly_typed": strongly_typed,
+        "legacy_precision_flags": legacy,
+        "workspace_bytes": workspace_bytes,
+        "build_seconds": round(build_seconds, 3),
+        "profiles": [p.as_dict() for p in profiles],
+        "inputs": [{"name": t.name, "shape": list(t.shape), "dtype": _trt_dtype(t.dtype),
+                    "onnx_shape": next(s.dims for s in inputs if s.name == t.name)} for t in net_inputs],
+        "outputs": [{"name": t.name, "shape": list(t.shape), "dtype": _trt_dtype(t.dtype),
+                     "onnx_shape": next((s.dims for s in outputs if s.name == t.name), None)} for t in net_outputs],
+        "precision": precision_summary(model),
+        "timing_cache": cache_info,
+        "layers": layers,
+        "layers_note": layers_note or None,
+        "notes": notes,
+        "lily_deploy_version": __import__("lily_deploy").__version__,
+    }
+    try:
+        write_json(report_path(output), report, "-o")
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            output.unlink()  # an engine without its report cannot be checked by the runner
+        raise
+    return BuildReport(report)
+
+
+def _build_error_lines(errors: list[str], workspace_bytes: Optional[int]) -> list[str]:
+    lines = []
+    for msg in errors or ["(no detail from the builder)"]:
+        m = re.search(r"OutOfMemory \(Requested size was (\d+) bytes", msg)
+        if m and workspace_bytes is not None:
+            need = int(m.group(1))
+            lines.append(f"--workspace {format_size(workspace_bytes)} is too small: the builder asked for "
+                         f"{format_size(need)} ({need} bytes); raise --workspace")
+        elif "workspace" in msg.lower() and workspace_bytes is not None:
+            lines.append(f"--workspace {format_size(workspace_bytes)} is too small ({msg.strip()})")
+        else:
+            lines.append(msg.strip())
+    return list(dict.fromkeys(lines))
+
+
+def _parser_version(trt) -> Optional[str]:
+    fn = getattr(trt, "get_nv_onnx_parser_version", None)
+    if fn is None:
+        return None
+    v = int(fn())
+    return f"{v // 10000}.{v // 100 % 100}.{v % 100}" if v > 10000 else str(v)
+
+
+# ---------------------------------------------------------------------------------------
+# the table
+# ---------------------------------------------------------------------------------------
+
+def read_report(engine: str | os.PathLike) -> Optional[dict]:
+    path = report_path(engine)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise LilyDeployError(f"{path}: not a build report ({exc})") from None
+
+
+def format_report(r: dict) -> str:
+    """The build report as a short table for the terminal."""
+    be = r["backend"]
+    tgt = r["target"]
+    prec = r["precision"]
+    rows = [
+        ("engine", f"{r['engine']['path']} ({format_size(r['engine']['bytes'])})"),
+        ("backend", f"{PRETTY.get(be['name'], be['name'])} {be['version']}"),
+        ("target", (", ".join(tgt["compute_capabilities"]) or "-")
+         + (" (ahead of time, no GPU)" if tgt.get("ahead_of_time") else "")
+         + (f" (built on {tgt['build_gpu']['name']})" if tgt.get("build_gpu") else "")),
+        ("route", r["route"]),
+        ("precision", f"{prec['label']}: {prec['quantize_linear']} Q / {prec['dequantize_linear']} DQ, "
+                      f"{prec['fp16_casts']} fp16 casts; initializers "
+                      + ", ".join(f"{k} {v['count']}" for k, v in prec["initializers"].items())),
+        ("typing", "strongly typed" if r["strongly_typed"] else "weakly typed, flags " + ",".join(
+            r["legacy_precision_flags"])),
+        ("workspace", format_size(r["workspace_bytes"]) if r["workspace_bytes"] else "backend default"),
+        ("build time", f"{r['build_seconds']:.1f} s"),
+    ]
+    if r.get("timing_cache"):
+        tc = r["timing_cache"]
+        rows.append(("timing cache", f"{tc['path']} (read {tc['loaded_bytes']} B, wrote {tc['saved_bytes']} B)"
+                     + (f"; {tc['note']}" if tc.get("note") else "")))
+    if r.get("layers"):
+        rows.append(("layers", f"{r['layers']['count']} (" + ", ".join(
+            f"{k} {v}" for k, v in r["layers"]["by_type"].items()) + ")"))
+    elif r.get("layers_note"):
+        rows.append(("layers", r["layers_note"]))
+    width = max(len(k) for k, _ in rows)
+    out = [f"{k:<{width}}  {v}" for k, v in rows]
+    out.append("")
+    io_rows = [("io", "name", "dtype", "shape (onnx)")]
+    for kind in ("inputs", "outputs"):
+        for t in r[kind]:
+            io_rows.append((kind[:-1], t["name"], t["dtype"],
+                            "x".join(str(d) for d in t["shape"]) + "  (" + "x".join(
+                                str(d) if d is not None else "?" for d in (t["onnx_shape"] or [])) + ")"))
+    widths = [max(len(row[i]) for row in io_rows) for i in range(3)]
+    out += [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d}" for a, b, c, d in io_rows]
+    out.append("")
+    for k, prof in enumerate(r["profiles"]):
+        out.append(f"profile {k}:")
+        for name, s in prof.items():
+            out.append(f"  {name:<{widths[1]}}  min {_fmt(s['min'])}  opt {_fmt(s['opt'])}  max {_fmt(s['max'])}")
+    for note in r.get("notes") or []:
+        out.append(f"note: {note}")
+    return "\n".join(out)

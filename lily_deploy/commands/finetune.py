@@ -1,0 +1,83 @@
+"""``lily-deploy finetune``: a thin layer over :func:`lily_deploy.finetune.finetune`."""
+import click
+
+from .options import data_column_options
+
+
+def _targets(ctx, param, value):
+    if value is None:
+        return None
+    items = [v.strip() for v in str(value).split(",") if v.strip()]
+    if not items:
+        raise click.BadParameter(f"{value!r}: expected comma-separated module names, e.g. query,value")
+    return items
+
+
+@click.command("finetune")
+@click.option("--model", "model", required=True, metavar="NAME_OR_DIR",
+              help="Base model: a local Hugging Face folder, 'minilm' (packaged), or timm:NAME.")
+@click.option("--train", required=True, type=click.Path(), help="Training data: .tsv/.csv/.jsonl, or an image folder tree.")
+@click.option("--val", required=True, type=click.Path(), help="Validation data (same format); the best checkpoint is kept by its accuracy.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output folder: the best adapter, train_log.jsonl, checkpoints/.")
+@click.option("--method", type=click.Choice(["lily", "lora"]), default="lily", show_default=True,
+              help="lily, or a PEFT LoRA baseline at the matched trainable-parameter count.")
+@click.option("--rank", default=16, show_default=True, help="Lily rank r (LP output size, HP rows).")
+@click.option("--lp-stride", default=2, show_default=True, help="Adjacent layers sharing one LP.")
+@click.option("--num-hp", default=4, show_default=True, help="HPs per pool (experts; one pool per target type).")
+@click.option("--scale", default=1.0, show_default=True, help="Lily scaling s in y = W0 x + s h B~.")
+@click.option("--targets", callback=_targets, default=None, metavar="A,B",
+              help="Linear modules to adapt by name suffix (default: PEFT's for the model type, e.g. query,value).")
+@click.option("--lora-rank", type=int, default=None, help="LoRA rank (default: matched to Lily's parameter count).")
+@click.option("--epochs", type=float, default=None, help="Epochs (default 3; --max-steps wins).")
+@click.option("--max-steps", type=int, default=None, help="Optimizer steps in all.")
+@click.option("--batch-size", default=32, show_default=True, help="Global batch per forward pass (split across DDP ranks).")
+@click.option("--grad-accum", default=1, show_default=True, help="Forward passes per optimizer step.")
+@click.option("--lr", default=3e-3, show_default=True, help="Peak learning rate (adapter and head).")
+@click.option("--weight-decay", default=0.0, show_default=True, help="AdamW weight decay (matrices only).")
+@click.option("--warmup", default=0.06, show_default=True, help="Warm-up: a fraction of the steps (< 1) or a number of steps.")
+@click.option("--max-grad-norm", default=1.0, show_default=True, help="Gradient clipping (0: off).")
+@click.option("--max-length", default=128, show_default=True, help="Token limit per text.")
+@click.option("--seed", default=0, show_default=True, help="Seed for initialisation, data order and dropout.")
+@click.option("--eval-every", type=int, default=None, help="Evaluate every N steps (default: each epoch, and at the end).")
+@click.option("--save-every", default=100, show_default=True, help="Write checkpoints/last every N steps (and at each eval).")
+@click.option("--routing", type=click.Choice(["batch", "sample"]), default="batch", show_default=True,
+              help="batch: PEFT's mixing over the whole (local) batch; sample: per sample, batch-invariant (as deployed).")
+@click.option("--train-size", type=int, default=None, help="Use a seeded random subset of this many training rows.")
+@click.option("--val-size", type=int, default=None, help="Use a seeded random subset of this many validation rows.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--resume", is_flag=True, help="Continue the run in -o from checkpoints/last.")
+@click.option("--overwrite", is_flag=True, help="Clear a non-empty -o folder and start over.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@data_column_options
+def command(model, train, val, output, method, rank, lp_stride, num_hp, scale, targets, lora_rank, epochs, max_steps,
+            batch_size, grad_accum, lr, weight_decay, warmup, max_grad_norm, max_length, seed, eval_every, save_every,
+            routing, train_size, val_size, device, resume, overwrite, no_progress, text_column, label_column):
+    """Fine-tune --model with Lily (or LoRA) on --train; keep the best adapter by --val accuracy in -o.
+
+    The output folder is a PEFT adapter (loadable by PeftModel.from_pretrained and by every
+    lily-deploy command) plus lily_deploy.json (labels, routing), train_log.jsonl and
+    checkpoints/last for --resume. Under `torchrun --nproc_per_node N lily-deploy finetune ...`
+    it trains with DDP; --batch-size is the global batch. With --routing batch each process
+    mixes over its own local batch (results depend on N); --routing sample does not.
+    """
+    from lily_deploy.finetune import finetune
+
+    result = finetune(
+        model, train, val, output, method=method, rank=rank, lp_stride=lp_stride, num_hp=num_hp, scale=scale,
+        targets=targets, lora_rank=lora_rank, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+        grad_accum=grad_accum, lr=lr, weight_decay=weight_decay, warmup=warmup, max_grad_norm=max_grad_norm or None,
+        max_length=max_length, seed=seed, eval_every=eval_every, save_every=save_every, routing=routing,
+        train_size=train_size, val_size=val_size, device=device, resume=resume, overwrite=overwrite,
+        progress=not no_progress, text_column=text_column, label_column=label_column,
+    )
+    if result.world_size == 1 or _is_main():
+        acc = "-" if result.best_val_accuracy is None else f"{result.best_val_accuracy:.4f}"
+        click.echo(f"{result.output_dir}: {result.method} adapter, best val accuracy {acc} at step "
+                   f"{result.best_step} of {result.steps}, {result.trainable_params:,} trainable parameters, "
+                   f"{result.samples_per_s:.1f} samples/s")
+
+
+def _is_main() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"

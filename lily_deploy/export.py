@@ -1,0 +1,414 @@
+"""``export``: a Lily model leaves as an ONNX file any runtime can run.
+
+Each dynamic layer's HP mixing becomes one ``lily::HPMix`` node carrying a model-local
+FunctionProto body (``--ops custom``), or that body inlined (``--ops standard``). The LP and
+router stay plain MatMuls so quantizers see them; static layers are folded into their base
+weight first, so they export as plain MatMul/Gemm. Every export is validated against torch
+on onnxruntime before the file is put in place.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from converters.hpmix import DYNAMIC_MODES, attach_function_bodies, hpmix_nodes, onnx_translation
+
+from .errors import LilyDeployError
+from .fileio import check_output_parent, sha256_dir, sha256_file
+
+MIN_OPSET = 18  # ReduceMean/ReduceSum take axes as an input from opset 18 on
+DEFAULT_OPSET = 20
+OUTPUT_NAME = "logits"
+DEFAULT_ATOL = 1e-4
+VALIDATION_TEXTS = [
+    "a gripping, beautifully acted film that stays with you",
+    "dull",
+    "the plot never quite comes together, and the jokes fall flat more often than not",
+    "an instant classic",
+    "i wanted to like it , but the second half drags",
+    "not bad at all",
+    "one of the year 's most intriguing explorations of alienation",
+    "it 's a mess",
+]
+
+
+@dataclass
+class Comparison:
+    """One output compared between onnxruntime and torch for one input batch; truthy when it passes."""
+
+    output: str
+    batch: str
+    max_abs: float
+    max_rel: float
+    top1_agreement: float
+    atol: float
+
+    def __bool__(self) -> bool:
+        return self.max_abs <= self.atol
+
+    def row(self) -> str:
+        status = "ok" if self else "FAILED"
+        return (f"  {self.output:<10} {self.batch:<14} max_abs {self.max_abs:.3e}  max_rel {self.max_rel:.3e}  "
+                f"top1 {100 * self.top1_agreement:6.2f}%  atol {self.atol:.0e}  {status}")
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    routing: str
+    ops: str
+    dynamic_layers: int
+    folded_layers: int
+    comparisons: list[Comparison] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(self.comparisons)
+
+    def table(self) -> str:
+        lines = [f"validation: onnxruntime vs torch ({'PASSED' if self.passed else 'FAILED'})"]
+        lines += [c.row() for c in self.comparisons]
+        return "\n".join(lines)
+
+
+class _ExportWrapper(nn.Module):
+    """Positional inputs with stable names -> logits, setting the routing mask like LilyDeployModel."""
+
+    def __init__(self, deploy, input_names: Sequence[str]):
+        super().__init__()
+        self.deploy = deploy
+        self.input_names = list(input_names)
+
+    def forward(self, *args):
+        inputs = dict(zip(self.input_names, args))
+        return self.deploy.logits(**inputs)
+
+
+def _wrapper_dynamic_shapes(names, dynamic):
+    """``dynamic_shapes`` for the wrapper's ``*args``: one tuple holding each input's axes."""
+    return (_dynamic_shapes(names, dynamic),)
+
+
+def plain_deploy_model(spec: str):
+    """A base model with no Lily layers, wrapped so it exports and validates like a Lily model."""
+    from .deploy import LilyDeployModel
+    from .lily import RoutingContext
+    from .models import load_base
+
+    base = load_base(spec)
+    meta = {"base_model": base.spec, "base_kind": base.kind, "adapter": None, "lily": None, "labels": None}
+    return LilyDeployModel(base.model, RoutingContext(), base.task, {}, meta, tokenizer=base.tokenizer,
+                           image_size=base.image_size)
+
+
+def open_model(source: str | Path, base: Optional[str] = None):
+    """A deploy model from an adapter folder, a deploy checkpoint, or a plain base model."""
+    from .adapters import is_adapter_dir
+    from .deploy import DEPLOY_CONFIG, load_model
+
+    path = Path(str(source))
+    if (path / DEPLOY_CONFIG).is_file() or is_adapter_dir(path):
+        return load_model(path, base=base)
+    return plain_deploy_model(str(source))
+
+
+def fold_static_layers(deploy) -> int:
+    """Replace every ``static`` LilyLinear by a plain Linear with the folded weight (in place)."""
+    from converters.peft_lily import _set_module
+
+    n = 0
+    for name, layer in list(deploy.layers.items()):
+        if layer.mode == "static":
+            _set_module(deploy.model, name, layer.folded_linear())
+            deploy.folded[name] = layer.static_p.tolist()
+            n += 1
+    return n
+
+
+def example_inputs(deploy, texts: Optional[Sequence[str]] = None, batch_size: int = 2,
+                   max_length: int = 128, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Real model inputs: tokenised texts (padded to the longest), or seeded random pixels."""
+    if deploy.task == "image-cls":
+        g = torch.Generator().manual_seed(seed)
+        size = deploy.image_size or 224
+        return {"pixel_values": torch.rand(batch_size, 3, size, size, generator=g) * 2 - 1}
+    if deploy.tokenizer is None:
+        g = torch.Generator().manual_seed(seed)
+        vocab = int(getattr(deploy.model.config, "vocab_size", 1000))
+        ids = torch.randint(5, vocab, (batch_size, 12), generator=g)
+        mask = torch.ones_like(ids)
+        mask[0, 8:] = 0
+        return {"input_ids": ids, "attention_mask": mask}
+    texts = list(texts or VALIDATION_TEXTS)
+    texts = (texts * ((batch_size + len(texts) - 1) // len(texts)))[:batch_size]
+    enc = deploy.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return {k: v for k, v in enc.items() if k in deploy.input_names}
+
+
+def _dynamic_shapes(names: Sequence[str], dynamic: Sequence[str]):
+    dims = {"batch": torch.export.Dim("batch", min=1, max=4096), "sequence": torch.export.Dim("sequence", min=1, max=8192)}
+    shapes = []
+    for name in names:
+        axes = {}
+        if "batch" in dynamic:
+            axes[0] = dims["batch"]
+        if "sequence" in dynamic and name != "pixel_values":
+            axes[1] = dims["sequence"]
+        shapes.append(axes)
+    return tuple(shapes)
+
+
+def _trace(deploy, inputs: dict, dynamic: Sequence[str], opset: int, ops: str):
+    names = list(inputs)
+    wrapper = _ExportWrapper(deploy, names).eval()
+    args = tuple(inputs[n] for n in names)
+    deploy.context.use_custom_op = True
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                wrapper, args, dynamo=True, opset_version=opset, input_names=names, output_names=[OUTPUT_NAME],
+                dynamic_shapes=_wrapper_dynamic_shapes(names, dynamic), custom_translation_table=onnx_translation(),
+                optimize=True, verbose=False,
+            )
+    except Exception as exc:  # the exporter's errors are long; keep the line that names the op
+        detail = [l for l in str(exc).splitlines() if "Error" in l or "not supported" in l or "call_function" in l]
+        raise LilyDeployError(
+            f"ONNX export failed: {(detail[-1] if detail else str(exc).splitlines()[0]).strip()[:400]}"
+        ) from None
+    finally:
+        deploy.context.use_custom_op = False
+    model = program.model_proto
+    layers = list(deploy.layers.values())
+    if layers:
+        attach_function_bodies(model, rank=layers[0].rank, num_hp=layers[0].num_hp)
+    if ops == "standard":
+        import onnx.inliner
+
+        model = onnx.inliner.inline_local_functions(model)
+        del model.functions[:]
+        keep = [o for o in model.opset_import if o.domain != "lily"]
+        del model.opset_import[:]
+        model.opset_import.extend(keep)
+    return model
+
+
+def _set_metadata(model, meta: dict) -> None:
+    del model.metadata_props[:]
+    for key, value in meta.items():
+        entry = model.metadata_props.add()
+        entry.key = key
+        entry.value = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    model.producer_name = "lily-deploy"
+    from . import __version__
+
+    model.producer_version = __version__
+
+
+def source_hashes(source: str | Path, deploy) -> dict:
+    path = Path(str(source))
+    out = {}
+    if path.is_dir():
+        out["source_sha256"] = sha256_dir(path)
+    adapter = (deploy.meta or {}).get("adapter")
+    if adapter:
+        out["adapter_sha256"] = adapter.get("sha256")
+    return out
+
+
+def save_onnx(model, output: Path, external_data: bool) -> None:
+    """Write ``model`` (and its ``.data`` file) via a temporary folder, then rename into place."""
+    import onnx
+
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    try:
+        tmp = tmpdir / output.name
+        if external_data:
+            onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=output.name + ".data", size_threshold=1024)
+            os.replace(tmpdir / (output.name + ".data"), output.parent / (output.name + ".data"))
+        else:
+            onnx.save_model(model, str(tmp))
+        os.replace(tmp, output)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def read_inputs_npz(path: str | Path, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Validation inputs given as an ``.npz`` with one array per model input."""
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise LilyDeployError(f"--inputs {path} does not exist")
+    try:
+        arrays = dict(np.load(path))
+    except Exception as exc:
+        raise LilyDeployError(f"--inputs {path}: not a readable .npz ({exc})") from None
+    missing = [n for n in names if n not in arrays and n != "token_type_ids"]
+    if missing:
+        raise LilyDeployError(f"--inputs {path}: no array for model input {missing[0]} (has {', '.join(arrays)})")
+    return {n: torch.from_numpy(arrays[n]) for n in names if n in arrays}
+
+
+def check_input_shapes(deploy, inputs: dict, where: str) -> None:
+    """Refuse validation inputs whose rank or feature sizes cannot feed the model."""
+    if deploy.task == "image-cls":
+        x = inputs.get("pixel_values")
+        size = deploy.image_size or 224
+        if x is None or x.dim() != 4 or tuple(x.shape[1:]) != (3, size, size):
+            raise LilyDeployError(f"{where}: pixel_values must be [N, 3, {size}, {size}], got "
+                                  f"{list(x.shape) if x is not None else 'nothing'}")
+        return
+    ref = inputs.get("input_ids")
+    if ref is None or ref.dim() != 2:
+        raise LilyDeployError(f"{where}: input_ids must be [batch, sequence], got {list(ref.shape) if ref is not None else 'nothing'}")
+    for name, t in inputs.items():
+        if tuple(t.shape) != tuple(ref.shape):
+            raise LilyDeployError(f"{where}: {name} has shape {list(t.shape)}, input_ids has {list(ref.shape)}")
+        if t.dtype.is_floating_point:
+            raise LilyDeployError(f"{where}: {name} must hold integers, got {t.dtype}")
+
+
+def compare(deploy, onnx_path: Path, batches: list[tuple[str, dict]], atol: dict[str, float]) -> list[Comparison]:
+    """Run the ONNX on onnxruntime and the model in torch on the same batches; compare logits."""
+    import numpy as np
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    session = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    results = []
+    for label, inputs in batches:
+        with torch.no_grad():
+            ref = deploy.logits(**inputs).float().numpy()
+        feeds = {n: inputs[n].numpy() for n in names if n in inputs}
+        missing = [n for n in names if n not in feeds]
+        if missing:
+            raise LilyDeployError(f"validation inputs lack {missing[0]}, which the ONNX model needs")
+        got = session.run([OUTPUT_NAME], feeds)[0]
+        diff = np.abs(got - ref)
+        rel = diff / np.maximum(np.abs(ref), 1e-6)
+        agree = float((got.reshape(-1, got.shape[-1]).argmax(-1) == ref.reshape(-1, ref.shape[-1]).argmax(-1)).mean())
+        results.append(Comparison(OUTPUT_NAME, label, float(diff.max()), float(rel.max()), agree,
+                                  atol.get(OUTPUT_NAME, atol.get("*", DEFAULT_ATOL))))
+    return results
+
+
+def export_onnx(
+    source: str | Path,
+    output: str | Path,
+    routing: str = "sample",
+    ops: str = "custom",
+    opset: int = DEFAULT_OPSET,
+    dynamic: Sequence[str] = ("batch", "sequence"),
+    external_data: bool = False,
+    task: Optional[str] = None,
+    validate: bool = True,
+    atol: Optional[dict[str, float]] = None,
+    data: Optional[str | Path] = None,
+    inputs_npz: Optional[str | Path] = None,
+    keep_on_failure: bool = False,
+    base: Optional[str] = None,
+    text_column: Optional[str] = None,
+) -> ExportResult:
+    """Export ``source`` (adapter folder, deploy checkpoint or base model) to ``output``.
+
+    Raises :class:`LilyDeployError` when validation fails (the file is then written only with
+    ``keep_on_failure``); the result carries the comparison table either way.
+    """
+    import onnx
+
+    output = check_output_parent(output, "-o")
+    if routing not in DYNAMIC_MODES:
+        raise LilyDeployError(f"--routing {routing!r}: choose one of {', '.join(DYNAMIC_MODES)}")
+    if ops not in ("custom", "standard"):
+        raise LilyDeployError(f"--ops {ops!r}: choose custom or standard")
+    if opset < MIN_OPSET:
+        raise LilyDeployError(f"--opset {opset}: the lily::HPMix bodies need opset {MIN_OPSET} or newer")
+    bad_axes = [a for a in dynamic if a not in ("batch", "sequence")]
+    if bad_axes:
+        raise LilyDeployError(f"--dynamic {bad_axes[0]!r}: axes are batch and sequence")
+    deploy = open_model(source, base=base)
+    if task is not None and task != deploy.task:
+        raise LilyDeployError(f"--task {task}: the model is a {deploy.task} model")
+    deploy = copy.deepcopy(deploy) if deploy.layers else deploy
+    deploy.set_routing(routing)
+    notes = []
+    folded = fold_static_layers(deploy)
+    n_dynamic = len(deploy.layers)
+    if n_dynamic == 0 and not deploy.folded:
+        notes.append("the model has no Lily layers: exported as a plain model")
+    elif n_dynamic == 0:
+        notes.append("every Lily layer is folded: exported as a plain model (no lily::HPMix nodes)")
+    deploy.eval()
+
+    validation_batches: list[tuple[str, dict]] = []
+    if inputs_npz is not None:
+        given = read_inputs_npz(inputs_npz, deploy.input_names)
+        check_input_shapes(deploy, given, f"--inputs {inputs_npz}")
+        validation_batches.append((f"given[{next(iter(given.values())).shape[0]}]", given))
+    else:
+        texts = None
+        if data is not None:
+            from .data import read_data
+
+            table = read_data(data, text_column=text_column, limit=64)
+            texts = table.texts if hasattr(table, "texts") else None
+        for bs in (1, 4):
+            validation_batches.append((f"batch {bs}", example_inputs(deploy, texts, batch_size=bs, seed=bs)))
+    trace_inputs = example_inputs(deploy, None, batch_size=2, seed=0)
+
+    model = _trace(deploy, trace_inputs, dynamic, opset, ops)
+    meta = {
+        "lily_deploy.version": __import__("lily_deploy").__version__,
+        "lily_deploy.routing": routing if n_dynamic else "none",
+        "lily_deploy.ops": ops,
+        "lily_deploy.task": deploy.task,
+        "lily_deploy.inputs": list(trace_inputs),
+        "lily_deploy.outputs": [OUTPUT_NAME],
+        "lily_deploy.labels": deploy.labels,
+        "lily_deploy.base_model": deploy.meta.get("base_model"),
+        "lily_deploy.fold": {"dynamic_layers": n_dynamic, "folded_layers": len(deploy.folded),
+                             "folded": sorted(deploy.folded)},
+        "lily_deploy.lily": deploy.meta.get("lily"),
+        **{f"lily_deploy.{k}": v for k, v in source_hashes(source, deploy).items()},
+    }
+    _set_metadata(model, meta)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise LilyDeployError(f"exported graph fails onnx.checker: {str(exc).splitlines()[0]}") from None
+    if ops == "custom" and n_dynamic and len(hpmix_nodes(model)) != n_dynamic:
+        raise LilyDeployError(f"expected {n_dynamic} lily::HPMix nodes, the graph has {len(hpmix_nodes(model))}")
+
+    result = ExportResult(output, routing, ops, n_dynamic, len(deploy.folded), notes=notes)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".check", dir=output.parent))
+    try:
+        staged = tmpdir / output.name
+        save_onnx(model, staged, external_data)
+        if validate:
+            result.comparisons = compare(deploy, staged, validation_batches, atol or {})
+        if result.passed or keep_on_failure:
+            if external_data:
+                os.replace(tmpdir / (output.name + ".data"), output.parent / (output.name + ".data"))
+            os.replace(staged, output)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return result
+
+
+def onnx_sha256(path: str | Path) -> str:
+    return sha256_file(path)

@@ -1,0 +1,294 @@
+"""``fold``: router paths that are static (or nearly so, within a measured budget) go into W0.
+
+For a frozen mixing vector ``p`` a Lily layer is exactly ``W0 + s * (A^T B~(p))^T``: a plain
+Linear, with no adapter cost left at inference. A layer is folded exactly when its router is
+static by design (already ``static``, a zero router, or identical HPs); under ``auto`` more
+layers are folded -- those whose per-sample mixing vectors vary least -- while the task
+metric on the calibration data and each layer's output error stay within budget.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from converters.hpmix import hp_mix_reference, mix_pool
+
+from .errors import LilyDeployError
+from .lily import LilyLinear
+
+FOLD_CHOICES = ("auto", "all", "none")
+REPORT = "fold_report.json"
+
+
+@dataclass
+class LayerDecision:
+    name: str
+    folded: bool
+    reason: str
+    spread: float
+    output_error: float
+    mean_p: list[float]
+
+
+@dataclass
+class FoldReport:
+    strategy: str
+    routing: str
+    metric_name: str
+    metric_before: float
+    metric_after: float
+    max_metric_drop: float
+    max_output_error: Optional[float]
+    samples: int
+    layers: list[LayerDecision] = field(default_factory=list)
+
+    @property
+    def folded(self) -> list[str]:
+        return [d.name for d in self.layers if d.folded]
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["folded_layers"] = len(self.folded)
+        out["dynamic_layers"] = len(self.layers) - len(self.folded)
+        return out
+
+    def table(self) -> str:
+        lines = [f"{'layer':<48} {'decision':<9} {'spread':>8} {'out err':>9}  reason"]
+        for d in self.layers:
+            lines.append(f"{d.name:<48} {'folded' if d.folded else 'dynamic':<9} {d.spread:>8.4f} "
+                         f"{d.output_error:>9.2e}  {d.reason}")
+        lines.append(f"{len(self.folded)}/{len(self.layers)} layers folded ({self.strategy}); "
+                     f"{self.metric_name} on calibration data {self.metric_before:.2f} -> {self.metric_after:.2f} "
+                     f"(budget: drop <= {self.max_metric_drop})")
+        return "\n".join(lines)
+
+
+def static_by_design(layer: LilyLinear) -> Optional[str]:
+    """Why a layer's mixing cannot depend on its input, or None when it can."""
+    if layer.mode == "static":
+        return "static mode"
+    if not torch.any(layer.router.weight):
+        return "zero router (uniform mixing)"
+    pool = layer.hp.weight.reshape(layer.num_hp, layer.rank, -1)
+    if torch.equal(pool, pool[:1].expand_as(pool)):
+        return "identical HPs"
+    return None
+
+
+@torch.no_grad()
+def output_errors(model, batches: list[dict], means: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per layer: ||y(p_mean) - y(dynamic)|| / ||y(dynamic)|| over the batches, one pass."""
+    num = {n: 0.0 for n in means}
+    den = {n: 0.0 for n in means}
+    hooks = []
+    for name, layer in model.layers.items():
+        if name not in means:
+            continue
+
+        def hook(mod, args, out, name=name, layer=layer):
+            x = args[0]
+            h = layer.lp(x.to(layer.lp.weight.dtype))
+            mask = layer.mask_for(h)
+            dyn = hp_mix_reference(h, layer.router(h), layer.hp.weight, mask,
+                                   "sample" if layer.mode == "static" else layer.mode, layer.scale)
+            fixed = (h @ mix_pool(means[name].to(h.dtype), layer.hp.weight, layer.rank)) * layer.scale
+            diff, ref = fixed - dyn, out
+            if mask is not None:
+                w = mask.to(diff.dtype).unsqueeze(-1)
+                diff, ref = diff * w, ref * w
+            num[name] += float(diff.pow(2).sum())
+            den[name] += float(ref.pow(2).sum())
+
+        hooks.append(layer.register_forward_hook(hook))
+    try:
+        for batch in batches:
+            model(**batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: (num[n] / den[n]) ** 0.5 if den[n] > 0 else 0.0 for n in means}
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[dict], labels: Optional[list[int]], reference: Optional[list[int]] = None):
+    """Accuracy (%) against labels, else top-1 agreement (%) with ``reference`` predictions."""
+    preds = []
+    for batch in batches:
+        preds.extend(model.logits(**batch).argmax(-1).tolist())
+    target = labels if labels is not None else reference
+    if target is None:
+        return preds, 100.0
+    return preds, 100.0 * sum(int(p == t) for p, t in zip(preds, target)) / max(len(target), 1)
+
+
+def _apply(model, names: Iterable[str], means: dict[str, torch.Tensor]) -> dict:
+    """Fold ``names`` in place; returns the replaced layers so the change can be undone."""
+    from converters.peft_lily import _set_module
+
+    undo = {}
+    for name in names:
+        layer = model.model.get_submodule(name)
+        if not isinstance(layer, LilyLinear):
+            continue
+        undo[name] = layer
+        _set_module(model.model, name, layer.folded_linear(means[name]))
+        model.folded[name] = [round(float(v), 8) for v in means[name]]
+    return undo
+
+
+def _undo(model, undo: dict) -> None:
+    from converters.peft_lily import _set_module
+
+    for name, layer in undo.items():
+        _set_module(model.model, name, layer)
+        model.folded.pop(name, None)
+
+
+def fold_model(model, batches: list[dict], labels: Optional[list[int]], strategy: str = "auto",
+               max_metric_drop: float = 0.1, max_output_error: Optional[float] = None,
+               routing: str = "sample", progress: bool = True) -> FoldReport:
+    """Fold layers of a loaded deploy model in place and say why, layer by layer."""
+    from calib.router_stats import collect
+
+    if strategy not in FOLD_CHOICES:
+        raise LilyDeployError(f"--fold {strategy!r}: choose one of {', '.join(FOLD_CHOICES)}")
+    if max_metric_drop < 0:
+        raise LilyDeployError(f"--max-metric-drop {max_metric_drop}: must be >= 0")
+    model.set_routing(routing)
+    layers = model.layers
+    if not layers:
+        raise LilyDeployError("the model has no Lily layers left to fold")
+    stats = collect(model, batches) if batches else {}
+    means, reasons = {}, {}
+    for name, layer in layers.items():
+        why = static_by_design(layer)
+        if why == "static mode":
+            means[name] = layer.static_p.clone()
+        elif why == "zero router (uniform mixing)" or name not in stats:
+            means[name] = torch.full((layer.num_hp,), 1.0 / layer.num_hp)
+        else:
+            means[name] = torch.tensor(stats[name]["mean"], dtype=torch.float32)
+            p_sum = means[name].sum()
+            means[name] = means[name] / p_sum
+        reasons[name] = why
+    errors = output_errors(model, batches, means) if batches else {n: 0.0 for n in layers}
+    reference, before = evaluate(model, batches, labels)
+    metric_name = "accuracy" if labels is not None else "top-1 agreement"
+    report = FoldReport(strategy, routing, metric_name, before, before, max_metric_drop, max_output_error,
+                        samples=sum(next(iter(b.values())).shape[0] for b in batches))
+    decisions: dict[str, tuple[bool, str]] = {}
+    exact = [n for n in layers if reasons[n] is not None]
+    _apply(model, exact, means) if strategy != "none" else None
+    for n in exact:
+        decisions[n] = (strategy != "none", f"exact: {reasons[n]}")
+    candidates = sorted((n for n in layers if reasons[n] is None), key=lambda n: (errors[n], n))
+    if strategy == "all":
+        _apply(model, candidates, means)
+        decisions.update({n: (True, "--fold all") for n in candidates})
+    elif strategy == "none":
+        decisions.update({n: (False, "--fold none") for n in candidates})
+    else:
+        eligible = []
+        for name in candidates:
+            if max_output_error is not None and errors[name] > max_output_error:
+                decisions[name] = (False, f"output error {errors[name]:.2e} > {max_output_error:g}")
+            else:
+                eligible.append(name)
+        # one evaluation settles the common case where every eligible layer fits the budget
+        undo = _apply(model, eligible, means)
+        _, metric = evaluate(model, batches, labels, reference)
+        drop = (100.0 - metric) if labels is None else (before - metric)
+        if drop <= max_metric_drop + 1e-9:
+            decisions.update({n: (True, f"metric drop {max(drop, 0.0):.2f} within budget (all eligible)")
+                              for n in eligible})
+            eligible = []
+        else:
+            _undo(model, undo)
+        # otherwise add layers one at a time, least output error first, keeping those that fit
+        bar = tqdm(eligible, desc="fold (auto)", unit="layer", disable=not progress, leave=False)
+        for name in bar:
+            undo = _apply(model, [name], means)
+            _, metric = evaluate(model, batches, labels, reference)
+            if labels is None:
+                drop = 100.0 - metric
+            else:
+                drop = before - metric
+            if drop <= max_metric_drop + 1e-9:
+                decisions[name] = (True, f"metric drop {max(drop, 0.0):.2f} within budget")
+            else:
+                _undo(model, undo)
+                decisions[name] = (False, f"metric would drop {drop:.2f} > {max_metric_drop}")
+        bar.close()
+    _, report.metric_after = evaluate(model, batches, labels, reference)
+    if labels is None:
+        report.metric_before = 100.0
+    for name in layers:
+        folded, why = decisions[name]
+        s = stats.get(name, {})
+        report.layers.append(LayerDecision(name, folded, why, float(s.get("spread", 0.0)), float(errors[name]),
+                                           [round(float(v), 6) for v in means[name]]))
+    return report
+
+
+def calibration_batches(model, calib: Optional[str], size: int, batch_size: int, max_length: int,
+                        text_column: Optional[str], label_column: Optional[str], random_inputs: bool, seed: int = 0):
+    """Batches and label ids from a calibration file (or random inputs, when asked)."""
+    from calib.readers import select
+
+    from .data import encode_batch, model_label_map, read_data
+
+    if calib is None:
+        if not random_inputs:
+            raise LilyDeployError("fold needs calibration data: --calib FILE (or --random-inputs)")
+        from .export import example_inputs
+
+        g = torch.Generator().manual_seed(seed)
+        batches = []
+        for start in range(0, size, batch_size):
+            n = min(batch_size, size - start)
+            if model.task == "image-cls":
+                batches.append(example_inputs(model, batch_size=n, seed=seed + start))
+            else:
+                vocab = int(getattr(model.model.config, "vocab_size", 1000))
+                ids = torch.randint(5, vocab, (n, 32), generator=g)
+                batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        return batches, None
+    data = read_data(calib, text_column=text_column, label_column=label_column)
+    items = data.files if hasattr(data, "files") else data.texts
+    idx = select(items, size, seed)
+    chosen = [items[i] for i in idx]
+    labels = None
+    if data.labels is not None and model.labels:
+        labels = model_label_map(model.labels).encode([data.labels[i] for i in idx], where=str(calib))
+    batches = [encode_batch(model, chosen[s:s + batch_size], max_length) for s in range(0, len(chosen), batch_size)]
+    return batches, labels
+
+
+def fold(source: str | Path, output: str | Path, calib: Optional[str] = None, strategy: str = "auto",
+         max_metric_drop: float = 0.1, max_output_error: Optional[float] = None, routing: str = "sample",
+         size: int = 256, batch_size: int = 32, max_length: int = 128, text_column: Optional[str] = None,
+         label_column: Optional[str] = None, random_inputs: bool = False, base: Optional[str] = None,
+         progress: bool = True) -> FoldReport:
+    """Fold ``source`` (adapter folder or deploy checkpoint) and write a deploy checkpoint to ``output``."""
+    from .deploy import load_model, save_deploy
+    from .fileio import check_output_parent
+
+    check_output_parent(output, "-o")
+    model = load_model(source, base=base)
+    batches, labels = calibration_batches(model, calib, size, batch_size, max_length, text_column,
+                                          label_column, random_inputs)
+    report = fold_model(model, batches, labels, strategy, max_metric_drop, max_output_error, routing, progress)
+    summary = {"strategy": strategy, "folded": report.folded, "metric": report.metric_name,
+               "metric_before": report.metric_before, "metric_after": report.metric_after,
+               "calibration": str(calib) if calib else "random inputs"}
+    model.meta["fold"] = summary
+    save_deploy(model, output, extra={"fold": summary})
+    from .fileio import write_json
+
+    write_json(Path(output) / REPORT, report.to_json())
+    return report
