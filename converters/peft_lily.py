@@ -94,6 +94,8 @@ def deploy_to_peft(deploy: Any) -> Any:
     layers = lily_layers(model)
     for name, layer in layers.items():
         _set_module(model, name, layer.base)
+    if hasattr(model, "peft_config"):  # left on the base model by the PEFT model it came from
+        del model.peft_config
     cfg = LilyConfig(**deploy.meta["lily"])
     cfg.inference_mode = False
     peft_model = get_peft_model(model, cfg)

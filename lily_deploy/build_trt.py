@@ -398,12 +398,15 @@ def resolve_profiles(inputs: list[TensorSpec], shapes: Sequence[str] = (), min_s
                     else:
                         given.append(None)
                 kind = axis_kind(w, axis)
-                if kind is None and None in given:
+                if kind is None and (given[0] is None or given[2] is None) and given[1] is None:
                     raise LilyDeployError(
                         f"input {t.name} axis {axis} ({w or 'unnamed'}) is dynamic with no default range: "
                         f"give it with --shapes or --min-shapes/--opt-shapes/--max-shapes")
                 dlo, dhi = DEFAULT_RANGES.get(kind, (None, None))
                 a, b, c = given
+                if kind is None:  # no default range: what was given bounds the axis
+                    dlo = min(v for v in given if v is not None)
+                    dhi = max(v for v in given if v is not None)
                 if a is None:
                     a = min([dlo, *(v for v in (b, c) if v is not None)])
                 if c is None:
@@ -831,6 +834,9 @@ def _build_error_lines(errors: list[str], workspace_bytes: Optional[int]) -> lis
             lines.append(f"--workspace {format_size(workspace_bytes)} is too small ({msg.strip()})")
         else:
             lines.append(msg.strip())
+        if "FP32 GEMM is not supported" in msg:
+            lines.append("hint: TensorRT-RTX has no FP32 matrix multiply on Turing (sm75): target sm80 or newer, "
+                         "or build an FP16 graph (lily-deploy quantize) for sm75")
     return list(dict.fromkeys(lines))
 
 

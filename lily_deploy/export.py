@@ -26,6 +26,10 @@ from converters.hpmix import DYNAMIC_MODES, attach_function_bodies, hpmix_nodes,
 from .errors import LilyDeployError
 from .fileio import check_output_parent, sha256_dir, sha256_file
 
+import logging
+
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+
 MIN_OPSET = 18  # ReduceMean/ReduceSum take axes as an input from opset 18 on
 DEFAULT_OPSET = 20
 OUTPUT_NAME = "logits"

@@ -526,6 +526,7 @@ def finetune(
     progress: bool = True,
     log: Optional[Callable[[str], None]] = None,
     _stop_after_step: Optional[int] = None,
+    _nan_at_step: Optional[int] = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` (a spec for :func:`lily_deploy.models.load_base`) on ``train``; keep the best adapter.
 
@@ -794,7 +795,7 @@ def _run(a: dict, d: Dist, say: Callable[[str], None], out: Path, ckpt_path: Pat
         kept = (f"the last good checkpoint (step {last_ckpt[0]}) is kept in {ckpt_path}"
                 if last_ckpt[0] is not None else "no checkpoint had been written yet")
         best = f" and the best adapter (step {best_step}) in {out}" if best_step is not None else ""
-        return (f"training diverged at step {step + 1}: {what}; stopped. {kept}{best}. "
+        return (f"training diverged at step {step + 1}: {what}. Stopped; {kept}{best}. "
                 f"Lower --lr (now {a['lr']:g}) or raise --warmup")
 
     # ---- the loop
@@ -819,6 +820,8 @@ def _run(a: dict, d: Dist, say: Callable[[str], None], out: Path, ckpt_path: Pat
                 with sync:
                     logits = train_model(**inputs).logits.float()
                     losses = F.cross_entropy(logits, labels, reduction="none")
+                    if a["_nan_at_step"] is not None and step + 1 == a["_nan_at_step"]:
+                        losses = losses * float("nan")  # test hook: a diverged step
                     (losses.sum() * (d.world / n_step)).backward()
                 loss_sum += losses.detach().sum().double().cpu()
             total_loss, = _all_reduce([loss_sum.item()], d)

@@ -44,7 +44,8 @@ def make_lily_adapter(base: str, out: Path, targets, num_labels=None, task_type=
 
 @pytest.fixture(scope="session")
 def minilm_adapter(tmp_path_factory) -> Path:
-    return make_lily_adapter("minilm", tmp_path_factory.mktemp("minilm") / "adapter", ["query", "value"], num_labels=2)
+    return make_lily_adapter("minilm", tmp_path_factory.mktemp("minilm") / "adapter", ["query", "value"], num_labels=2,
+                             scale=2.0)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,54 @@
+"""``lily-deploy export``."""
+import click
+
+from .options import base_option, parse_tolerances
+
+
+@click.command("export")
+@click.argument("model", type=str)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
+@click.option("--routing", type=click.Choice(["batch", "sample", "token"]), default="sample", show_default=True,
+              help="Routing of dynamic layers; sample is batch- and padding-invariant.")
+@click.option("--ops", type=click.Choice(["custom", "standard"]), default="custom", show_default=True,
+              help="custom: lily::HPMix nodes with function bodies; standard: the bodies inlined.")
+@click.option("--opset", type=int, default=20, show_default=True, help="ONNX opset (18 or newer).")
+@click.option("--dynamic", default="batch,sequence", show_default=True, help="Dynamic axes of the inputs.")
+@click.option("--external-data", is_flag=True, help="Write weights to OUTPUT.data beside the model.")
+@click.option("--task", type=click.Choice(["seq-cls", "image-cls", "causal-lm"]), default=None,
+              help="Expected task (checked against the model).")
+@click.option("--no-validate", is_flag=True, help="Skip the onnxruntime-vs-torch validation (not recommended).")
+@click.option("--atol", multiple=True, help="Tolerance, e.g. 1e-4 or logits:1e-4 (repeatable).")
+@click.option("--data", type=click.Path(), default=None, help="Validate on texts from this data file.")
+@click.option("--inputs", "inputs_npz", type=click.Path(), default=None,
+              help="Validate on these inputs (.npz with one array per model input).")
+@click.option("--text-column", default=None, help="Text column of --data.")
+@click.option("--keep-on-failure", is_flag=True, help="Write the file even when validation fails.")
+@base_option
+def command(model, output, routing, ops, opset, dynamic, external_data, task, no_validate, atol, data,
+            inputs_npz, text_column, keep_on_failure, base):
+    """Export MODEL (adapter folder, deploy checkpoint, or base model) to ONNX and validate it.
+
+    \b
+    Inputs:  input_ids, attention_mask[, token_type_ids]  (int64, [batch, sequence])
+             or pixel_values (float, [batch, 3, H, W])
+    Output:  logits
+    """
+    from lily_deploy.errors import LilyDeployError
+    from lily_deploy.export import export_onnx
+
+    tolerances = parse_tolerances(atol, "--atol")
+    axes = [a.strip() for a in dynamic.split(",") if a.strip()]
+    result = export_onnx(model, output, routing=routing, ops=ops, opset=opset, dynamic=axes,
+                         external_data=external_data, task=task, validate=not no_validate, atol=tolerances,
+                         data=data, inputs_npz=inputs_npz, keep_on_failure=keep_on_failure, base=base,
+                         text_column=text_column)
+    for note in result.notes:
+        click.echo(f"note: {note}")
+    click.echo(f"{result.dynamic_layers} dynamic Lily layers ({result.routing} routing, {result.ops} ops), "
+               f"{result.folded_layers} folded")
+    if result.comparisons:
+        click.echo(result.table())
+    if not result.passed:
+        kept = f"; {output} written anyway (--keep-on-failure)" if keep_on_failure else f"; {output} not written"
+        raise LilyDeployError(f"validation failed: onnxruntime differs from torch beyond tolerance{kept}")
+    click.echo(f"wrote {output}")

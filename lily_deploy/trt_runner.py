@@ -1,0 +1,197 @@
+"""Run a TensorRT or TensorRT-for-RTX engine (the API that ``parity`` and ``bench`` use).
+
+An engine runs only on the TensorRT version that built it and on the GPUs it was built for.
+Before deserializing, the runner reads the build report beside the engine (``ENGINE.json``)
+and refuses a mismatch with a message that says what was built for what; TensorRT's own
+validity check (where the backend has one) backs it up. Inputs go to device buffers (torch
+CUDA tensors) on the runner's CUDA stream; the optimization profile is picked from the input
+shapes; outputs come back as numpy arrays (or torch tensors on request).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+
+from .build_trt import PRETTY, Backend, _make_logger, cuda_available, load_backend, read_report
+from .errors import LilyDeployError
+
+_TORCH_DTYPES = {
+    "FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "INT32": "int32",
+    "INT64": "int64", "BOOL": "bool", "UINT8": "uint8",
+}
+
+
+def _fmt(shape) -> str:
+    return "x".join(str(int(d)) for d in shape)
+
+
+def check_compatible(report: dict, backend: str, version: str, device_cc: str, device_name: str = "this GPU",
+                     engine: str = "the engine") -> None:
+    """Refuse an engine built by another backend/version or for another GPU, naming both sides.
+
+    ``device_cc`` is like ``sm89``. Pure: it only compares the report with what is here.
+    """
+    built = report.get("backend", {})
+    b_name, b_version = built.get("name"), built.get("version")
+    if b_name and b_name != backend:
+        raise LilyDeployError(f"{engine} was built with {PRETTY.get(b_name, b_name)} {b_version}; "
+                              f"{PRETTY.get(backend, backend)} cannot run it (use --backend {b_name})")
+    if b_version and b_version != version:
+        pkg = "tensorrt-rtx-cu12" if backend == "tensorrt-rtx" else "tensorrt"
+        raise LilyDeployError(
+            f"{engine} was built with {PRETTY.get(b_name, b_name)} {b_version}, this machine has {version}: an engine "
+            f"runs only on the version that built it; rebuild it here with lily-deploy build-trt, "
+            f"or install {pkg}=={b_version}")
+    targets = [str(t).lower() for t in report.get("target", {}).get("compute_capabilities") or []]
+    if targets and device_cc.lower() not in targets:
+        how = ("lily-deploy build-trt --compute-capability current (or " + device_cc.lower() + ")"
+               if backend == "tensorrt-rtx" else "lily-deploy build-trt on this GPU")
+        raise LilyDeployError(f"{engine} was built for {', '.join(targets)}; {device_name} is {device_cc.lower()}: "
+                              f"rebuild it with {how}")
+
+
+def pick_profile(profiles: Sequence[Mapping[str, tuple]], shapes: Mapping[str, Sequence[int]],
+                 engine: str = "the engine") -> int:
+    """The first profile whose [min, max] holds every input shape; a clear error when none does.
+
+    ``profiles[k][name] = (min, opt, max)``.
+    """
+    for k, prof in enumerate(profiles):
+        ok = True
+        for name, shape in shapes.items():
+            if name not in prof:
+                continue
+            lo, _, hi = prof[name]
+            if len(shape) != len(lo) or any(not (a <= s <= b) for a, s, b in zip(lo, shape, hi)):
+                ok = False
+                break
+        if ok:
+            return k
+    given = ", ".join(f"{n} {_fmt(s)}" for n, s in shapes.items())
+    allowed = "; ".join(f"profile {k}: " + ", ".join(f"{n} {_fmt(lo)}..{_fmt(hi)}" for n, (lo, _, hi) in p.items())
+                        for k, p in enumerate(profiles))
+    raise LilyDeployError(f"input shapes {given} fit no optimization profile of {engine} ({allowed}); "
+                          "rebuild with --min-shapes/--max-shapes that cover them")
+
+
+class TrtRunner:
+    """Loads an engine once and runs it on numpy or torch inputs.
+
+    >>> runner = TrtRunner("model.plan")            # doctest: +SKIP
+    >>> runner({"input_ids": ids, "attention_mask": mask, "token_type_ids": tt})["logits"]  # doctest: +SKIP
+    """
+
+    def __init__(self, engine_path: str | os.PathLike, backend: Optional[str] = None, device: int = 0,
+                 check: bool = True):
+        self.path = Path(engine_path)
+        if not self.path.is_file():
+            raise LilyDeployError(f"{self.path}: no such engine file")
+        self.report = read_report(self.path)
+        name = backend or (self.report["backend"]["name"] if self.report else "auto")
+        self.backend: Backend = load_backend(name)
+        trt = self.backend.trt
+        if not cuda_available():
+            raise LilyDeployError(f"running {self.path} needs a CUDA GPU; none is visible here "
+                                  "(torch.cuda.is_available() is False). Engines can be built here, not run")
+        import torch
+
+        self.device = torch.device("cuda", device)
+        major, minor = torch.cuda.get_device_capability(self.device)
+        self.device_cc = f"sm{major}{minor}"
+        self.device_name = torch.cuda.get_device_name(self.device)
+        if check and self.report is not None:
+            check_compatible(self.report, self.backend.name, self.backend.version, self.device_cc,
+                             self.device_name, str(self.path))
+        if self.report is not None and str(self.report.get("route", "")).startswith("plugin"):
+            from converters.trt_plugin import register_plugin
+
+            register_plugin(self.backend)
+        self.logger = _make_logger(trt)
+        self.runtime = trt.Runtime(self.logger)
+        data = self.path.read_bytes()
+        if check and hasattr(self.runtime, "get_engine_validity"):
+            validity, diagnostics = self.runtime.get_engine_validity(data[: self.runtime.engine_header_size])
+            if validity == trt.EngineValidity.INVALID:
+                why = [m.lower().replace("_", " ") for m, v in trt.EngineInvalidityDiagnostics.__members__.items()
+                       if int(diagnostics) & int(v)]
+                raise LilyDeployError(f"{self.path}: {self.backend.pretty} says the engine cannot run on "
+                                      f"{self.device_name} ({self.device_cc}): {', '.join(why) or 'invalid'}")
+        with torch.cuda.device(self.device):
+            self.engine = self.runtime.deserialize_cuda_engine(data)
+            if self.engine is None:
+                raise LilyDeployError(f"{self.path}: {self.backend.pretty} could not load the engine: "
+                                      + "; ".join(self.logger.errors[-3:]))
+            self.context = self.engine.create_execution_context()
+            self.stream = torch.cuda.Stream(self.device)
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.profiles = [
+            {n: tuple(tuple(int(d) for d in s) for s in self.engine.get_tensor_profile_shape(n, k))
+             for n in self.input_names}
+            for k in range(self.engine.num_optimization_profiles)
+        ]
+        self.active_profile = 0
+        self._dtypes = {n: getattr(torch, _TORCH_DTYPES[str(self.engine.get_tensor_dtype(n)).split(".")[-1]])
+                        for n in names}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def close(self) -> None:
+        for attr in ("context", "engine"):
+            if hasattr(self, attr):
+                delattr(self, attr)
+
+    def __call__(self, feeds: Mapping[str, object], as_torch: bool = False) -> dict:
+        return self.infer(feeds, as_torch=as_torch)
+
+    def infer(self, feeds: Mapping[str, object], as_torch: bool = False) -> dict:
+        """Run once: ``{input name: array}`` -> ``{output name: numpy array}`` (torch with ``as_torch``)."""
+        import torch
+
+        missing = [n for n in self.input_names if n not in feeds]
+        extra = [n for n in feeds if n not in self.input_names]
+        if missing or extra:
+            raise LilyDeployError(f"{self.path}: inputs {self.input_names} expected"
+                                  + (f"; missing {missing}" if missing else "") + (f"; unknown {extra}" if extra else ""))
+        shapes = {n: tuple(np.shape(feeds[n])) for n in self.input_names}
+        k = pick_profile(self.profiles, shapes, str(self.path))
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            if k != self.active_profile:
+                self.context.set_optimization_profile_async(k, self.stream.cuda_stream)
+                self.active_profile = k
+            buffers = {}
+            for n in self.input_names:
+                t = torch.as_tensor(feeds[n]).to(self.device, self._dtypes[n], non_blocking=True).contiguous()
+                buffers[n] = t
+                if not self.context.set_input_shape(n, tuple(t.shape)):
+                    raise LilyDeployError(f"{self.path}: {n} shape {_fmt(t.shape)} was refused: "
+                                          + "; ".join(self.logger.errors[-2:]))
+                self.context.set_tensor_address(n, t.data_ptr())
+            outputs = {}
+            for n in self.output_names:
+                shape = tuple(self.context.get_tensor_shape(n))
+                if any(d < 0 for d in shape):
+                    raise LilyDeployError(f"{self.path}: output {n} has an unresolved shape {shape}")
+                out = torch.empty(shape, dtype=self._dtypes[n], device=self.device)
+                outputs[n] = out
+                self.context.set_tensor_address(n, out.data_ptr())
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise LilyDeployError(f"{self.path}: execution failed: " + "; ".join(self.logger.errors[-3:]))
+        self.stream.synchronize()
+        if as_torch:
+            return outputs
+        return {n: t.cpu().numpy() for n, t in outputs.items()}
+
+
+def load_runner(engine_path: str | os.PathLike, backend: Optional[str] = None, device: int = 0) -> TrtRunner:
+    """:class:`TrtRunner` for ``engine_path`` (what ``parity`` and ``bench`` call)."""
+    return TrtRunner(engine_path, backend=backend, device=device)
