@@ -1,0 +1,104 @@
+"""``lily-deploy quantize``: a thin layer over :func:`lily_deploy.quantize.quantize`."""
+import click
+
+from .options import data_column_options
+
+
+def _names(ctx, param, value):
+    return [v.strip() for item in value or () for v in str(item).split(",") if v.strip()]
+
+
+def _size(ctx, param, value):
+    if value is None or str(value).lower() == "all":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected a number of rows or 'all'")
+    if n <= 0:
+        raise click.BadParameter(f"{value!r}: must be at least 1")
+    return n
+
+
+@click.command("quantize")
+@click.argument("onnx_file", metavar="MODEL.onnx", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
+@click.option("--int8", "precision", flag_value="int8", help="INT8 Q/DQ from calibration data (needs --calib).")
+@click.option("--fp16", "precision", flag_value="fp16", help="FP16 weights and activations, fp32 inputs/outputs.")
+@click.option("--calib", type=click.Path(), default=None,
+              help="Calibration data: TSV/CSV/JSONL text, image folder, or .npz (one array per input).")
+@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
+              show_default=True, help="How activation ranges are set from the calibration data.")
+@click.option("--calib-size", default="256", show_default=True, callback=_size,
+              help="Calibration rows (a seeded random choice), or 'all'.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the calibration (and validation) row choice.")
+@click.option("--batch-size", default=16, show_default=True, help="Rows per calibration/validation batch.")
+@click.option("--max-length", default=128, show_default=True, help="Token limit per text.")
+@click.option("--val", type=click.Path(), default=None,
+              help="Held-out validation data (default: rows of --calib that calibration did not use).")
+@click.option("--val-size", default="1000", show_default=True, callback=_size,
+              help="Validation rows (a seeded random choice), or 'all'.")
+@click.option("--max-accuracy-drop", default=1.0, show_default=True, type=float,
+              help="Exit 1 (and write nothing) when accuracy drops by more points than this.")
+@click.option("--adapter-precision", type=click.Choice(["int8", "fp16", "fp32"]), default=None,
+              help="Lily LP/router/HP MatMuls: same as the model (default) or kept fp32. "
+                   "The router softmax and mixing vector are always fp32.")
+@click.option("--exclude-nodes", multiple=True, callback=_names, metavar="NAME,...",
+              help="Nodes kept fp32 (names after inlining, e.g. node_linear_1 or node_hp_mix/mixed).")
+@click.option("--exclude-op-types", multiple=True, callback=_names, metavar="TYPE,...",
+              help="Op types kept fp32, e.g. Gemm.")
+@click.option("--no-keep-sensitive", is_flag=True,
+              help="--fp16: convert softmax, reductions and layer norm to fp16 too (default: kept fp32).")
+@click.option("--tokenizer", default=None, metavar="DIR",
+              help="Tokenizer folder (or 'minilm') for text data (default: from --model or the ONNX metadata).")
+@click.option("--model", "source_model", default=None, metavar="DIR",
+              help="The adapter folder / deploy checkpoint the ONNX came from (its tokenizer is used).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Cache of tokenised calibration batches (default: ~/.cache/lily-deploy/calib).")
+@click.option("--no-cache", is_flag=True, help="Do not read or write the calibration cache.")
+@click.option("--strict", is_flag=True, help="Fail when fewer calibration rows exist than --calib-size asks.")
+@click.option("--keep-on-failure", is_flag=True, help="Write the file even when validation fails.")
+@data_column_options
+def command(onnx_file, output, precision, calib, calib_method, calib_size, seed, batch_size, max_length, val, val_size,
+            max_accuracy_drop, adapter_precision, exclude_nodes, exclude_op_types, no_keep_sensitive, tokenizer,
+            source_model, cache_dir, no_cache, strict, keep_on_failure, text_column, label_column):
+    """Write an FP16 or INT8 (Q/DQ) version of MODEL.onnx and validate it against MODEL.onnx.
+
+    \b
+    lily-deploy quantize model.onnx --int8 --calib train.tsv -o model.int8.onnx
+    lily-deploy quantize model.onnx --fp16 --val dev.tsv -o model.fp16.onnx
+
+    lily::HPMix nodes are inlined first (quantizers skip function nodes). The result is
+    measured against MODEL.onnx on held-out rows (top-1 agreement, accuracy, logit
+    differences) and written only when the accuracy drop is within --max-accuracy-drop.
+    """
+    import warnings
+
+    from calib.readers import CalibrationWarning
+    from lily_deploy.errors import LilyDeployError
+    from lily_deploy.quantize import quantize
+
+    if precision is None:
+        raise click.UsageError("choose --int8 or --fp16")
+    if batch_size <= 0:
+        raise click.BadParameter(f"{batch_size}: must be at least 1", param_hint="--batch-size")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CalibrationWarning)
+        result = quantize(onnx_file, output, precision=precision, calib=calib, calib_method=calib_method,
+                          calib_size=calib_size, seed=seed, batch_size=batch_size, max_length=max_length, val=val,
+                          val_size=val_size, max_accuracy_drop=max_accuracy_drop, adapter_precision=adapter_precision,
+                          exclude_nodes=exclude_nodes, exclude_op_types=exclude_op_types,
+                          keep_sensitive=not no_keep_sensitive, tokenizer=tokenizer, model=source_model,
+                          text_column=text_column, label_column=label_column,
+                          cache_dir=None if no_cache else (cache_dir or "default"), strict=strict,
+                          keep_on_failure=keep_on_failure)
+    for w in caught:
+        if issubclass(w.category, CalibrationWarning):
+            click.echo(f"warning: {w.message}", err=True)
+    click.echo(result.table())
+    if not result.passed:
+        kept = f"; {output} written anyway (--keep-on-failure)" if result.written else f"; {output} not written"
+        raise LilyDeployError(f"validation failed: {result.validation.metric} dropped "
+                              f"{result.validation.drop:.2f} points, more than --max-accuracy-drop "
+                              f"{max_accuracy_drop:g}{kept}")
+    click.echo(f"wrote {output} ({result.seconds:.0f} s)")

@@ -1,0 +1,1001 @@
+"""``parity``: is the deployed model the model that was trained?
+
+The torch reference (an adapter folder, a deploy checkpoint or a base model) and every
+candidate (ONNX files on onnxruntime, TensorRT engines on a GPU, other checkpoints in torch)
+run on the same inputs -- real rows of a data file, or seeded generated inputs -- in the same
+batches. Per candidate the report gives the task metric and its delta to the reference, top-1
+agreement, max / mean / p99 absolute difference and cosine similarity per output, and batch
+invariance (each sample alone vs inside one mixed, padded batch), each judged against
+tolerances that depend on the candidate's precision:
+
+======  ===================================  ===============  ================  ================
+ prec    abs diff (stat ``max``)              top-1 agreement  metric drop       invariance atol
+======  ===================================  ===============  ================  ================
+ fp32    logits <= 1e-4                       100 %            0 points          1e-4
+ fp16    reported, not judged                 >= 99 %          <= 0.5 points     1e-2
+ bf16    reported, not judged                 >= 98 %          <= 1.0 point      5e-2
+ int8    reported, not judged                 >= 97 %          <= 1.0 point      5e-2
+======  ===================================  ===============  ================  ================
+
+A candidate's precision is its ONNX metadata ``lily_deploy.precision`` if present, else read off
+the graph (Q/DQ nodes: int8; fp16 initializers or casts: fp16), else an engine's build report.
+Its routing is its metadata ``lily_deploy.routing``; the reference runs in that routing for
+that candidate. Batch invariance must hold for ``sample`` and ``token`` routing and for plain
+(folded) models; for ``batch`` routing -- PEFT's, one mixing vector over the whole padded
+batch -- it is reported as a finding, not a failure. An engine where no GPU is visible is
+SKIPPED with the reason, not failed. Results are objects that are truthy when they pass.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .errors import LilyDeployError
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+METRICS = ("accuracy", "f1", "mcc", "agreement")
+LABELLED_METRICS = ("accuracy", "f1", "mcc")
+STATS = ("max", "mean", "p99")
+ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
+DEFAULT_BATCH_SIZES = (1, 8)
+INVARIANCE_REQUIRED = ("sample", "token", "none")
+QUANT_OPS = ("QuantizeLinear", "DequantizeLinear", "QLinearMatMul", "QLinearConv", "MatMulInteger",
+             "ConvInteger", "DynamicQuantizeLinear", "MatMulIntegerToFloat", "QGemm")
+SCHEMA = 1
+
+
+# --------------------------------------------------------------------------- tolerances
+
+@dataclass
+class Tolerance:
+    """What a candidate of one precision must meet; ``atol`` maps output names (or ``*``) to limits."""
+
+    atol: dict[str, float]
+    min_agreement: float  # percent
+    max_metric_drop: float  # percentage points
+    invariance_atol: float
+    stat: str = "max"  # statistic of |candidate - reference| held to atol: max, mean or p99
+
+    def atol_for(self, output: str) -> Optional[float]:
+        return self.atol.get(output, self.atol.get("*"))
+
+
+DEFAULT_TOLERANCES = {
+    "fp32": Tolerance({"*": 1e-4}, 100.0, 0.0, 1e-4),
+    "fp16": Tolerance({}, 99.0, 0.5, 1e-2),
+    "bf16": Tolerance({}, 98.0, 1.0, 5e-2),
+    "int8": Tolerance({}, 97.0, 1.0, 5e-2),
+}
+
+
+def _split_key(key: str, flag: str, allow_output: bool) -> tuple[Optional[str], Optional[str]]:
+    """``*`` / ``int8`` / ``logits`` / ``int8:logits`` -> (precision or None, output or None)."""
+    if key == "*":
+        return None, None
+    head, _, tail = key.partition(":")
+    if tail:
+        if head not in PRECISIONS:
+            raise LilyDeployError(f"{flag} {key}: {head!r} is not a precision ({', '.join(PRECISIONS)})")
+        if not allow_output:
+            raise LilyDeployError(f"{flag} {key}: expected VALUE or PRECISION:VALUE")
+        return head, tail
+    if key in PRECISIONS:
+        return key, None
+    if not allow_output:
+        raise LilyDeployError(f"{flag} {key}: {key!r} is not a precision ({', '.join(PRECISIONS)})")
+    return None, key
+
+
+def make_tolerances(atol: Optional[dict] = None, min_agreement: Optional[dict] = None,
+                    max_metric_drop: Optional[dict] = None, invariance_atol: Optional[dict] = None,
+                    stat: str = "max") -> dict[str, Tolerance]:
+    """Defaults overridden by flag values: keys ``*`` (every precision), ``int8`` (one precision),
+    and for ``atol`` also ``logits`` (an output, every precision) and ``int8:logits``."""
+    if stat not in STATS:
+        raise LilyDeployError(f"--atol-stat {stat!r}: choose one of {', '.join(STATS)}")
+    out = {p: Tolerance(dict(t.atol), t.min_agreement, t.max_metric_drop, t.invariance_atol, stat)
+           for p, t in DEFAULT_TOLERANCES.items()}
+    # generic first, specific last, so the most specific value wins
+    items = [(_split_key(k, "--atol", True), v) for k, v in (atol or {}).items()]
+    items.sort(key=lambda kv: (kv[0][0] is not None, kv[0][1] is not None))
+    for (prec, name), value in items:
+        for p in ([prec] if prec else PRECISIONS):
+            if name is None:
+                out[p].atol = {"*": float(value)}
+            else:
+                out[p].atol[name] = float(value)
+    for flag, values, attr, hi in (("--min-agreement", min_agreement, "min_agreement", 100.0),
+                                   ("--max-metric-drop", max_metric_drop, "max_metric_drop", None),
+                                   ("--invariance-atol", invariance_atol, "invariance_atol", None)):
+        pairs = sorted(((_split_key(k, flag, False)[0], v) for k, v in (values or {}).items()),
+                       key=lambda kv: kv[0] is not None)
+        for prec, value in pairs:
+            if value < 0 or (hi is not None and value > hi):
+                raise LilyDeployError(f"{flag} {value}: must be between 0 and {hi}" if hi else f"{flag} {value}: must be >= 0")
+            for p in ([prec] if prec else PRECISIONS):
+                setattr(out[p], attr, float(value))
+    return out
+
+
+# --------------------------------------------------------------------------- metrics
+
+def metric_value(name: str, preds: np.ndarray, labels: Optional[np.ndarray], ref_preds: np.ndarray,
+                 num_classes: int) -> float:
+    """The task metric in percent: accuracy, F1 (binary: class 1; else macro), MCC, or agreement."""
+    if name == "agreement":
+        return 100.0 * float(np.mean(preds == ref_preds)) if len(preds) else 100.0
+    assert labels is not None
+    if name == "accuracy":
+        return 100.0 * float(np.mean(preds == labels))
+    if name == "f1":
+        classes = [1] if num_classes == 2 else sorted(set(labels.tolist()) | set(preds.tolist()))
+        scores = []
+        for c in classes:
+            tp = float(np.sum((preds == c) & (labels == c)))
+            fp = float(np.sum((preds == c) & (labels != c)))
+            fn = float(np.sum((preds != c) & (labels == c)))
+            scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0)
+        return 100.0 * float(np.mean(scores))
+    if name == "mcc":
+        k = max(num_classes, int(max(preds.max(initial=0), labels.max(initial=0))) + 1)
+        cm = np.zeros((k, k), dtype=np.float64)
+        np.add.at(cm, (labels, preds), 1)
+        t, p, c, s = cm.sum(1), cm.sum(0), np.trace(cm), cm.sum()
+        den = math.sqrt(max(s * s - float(p @ p), 0.0) * max(s * s - float(t @ t), 0.0))
+        return 100.0 * (c * s - float(t @ p)) / den if den else 0.0
+    raise LilyDeployError(f"--metric {name!r}: choose one of {', '.join(METRICS)}")
+
+
+def output_stats(got: np.ndarray, ref: np.ndarray) -> dict:
+    """Absolute-difference statistics and per-sample cosine similarity of one output."""
+    got = got.astype(np.float64).reshape(len(got), -1)
+    ref = ref.astype(np.float64).reshape(len(ref), -1)
+    diff = np.abs(got - ref)
+    num = np.sum(got * ref, axis=1)
+    den = np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1)
+    cos = np.where(den > 0, num / np.maximum(den, 1e-300), np.where(np.all(diff == 0, axis=1), 1.0, 0.0))
+    finite = bool(np.all(np.isfinite(got)))
+    return {"max_abs": float(diff.max()) if finite else float("inf"), "mean_abs": float(diff.mean()),
+            "p99_abs": float(np.percentile(diff, 99)) if finite else float("inf"),
+            "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "finite": finite}
+
+
+# --------------------------------------------------------------------------- inputs
+
+@dataclass
+class Samples:
+    """Encoded samples, unpadded (one dict of 1-D tensors per text, or one image tensor each)."""
+
+    items: list[dict[str, torch.Tensor]]
+    labels: Optional[np.ndarray]
+    source: str
+    generated: bool
+    pad_ids: dict[str, int]
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def length(self, i: int) -> int:
+        first = next(iter(self.items[i].values()))
+        return int(first.shape[0]) if first.dim() == 1 else 0
+
+    def collate(self, idx: Sequence[int], pad_to: Optional[int] = None) -> dict[str, torch.Tensor]:
+        """One batch, right-padded to its longest sample (or to ``pad_to``, truncating if needed)."""
+        rows = [self.items[i] for i in idx]
+        names = list(rows[0])
+        if rows[0][names[0]].dim() != 1:  # images
+            return {n: torch.stack([r[n] for r in rows]) for n in names}
+        length = pad_to or max(int(r[names[0]].shape[0]) for r in rows)
+        out = {}
+        for n in names:
+            t = torch.full((len(rows), length), self.pad_ids.get(n, 0), dtype=torch.int64)
+            for j, r in enumerate(rows):
+                v = r[n][:length]
+                t[j, :len(v)] = v
+            out[n] = t
+        return out
+
+
+def load_samples(ref, data: Optional[str | Path], limit: Optional[int] = None, max_length: int = 128,
+                 text_column: Optional[str] = None, label_column: Optional[str] = None,
+                 num_generated: int = 64, seed: int = 0) -> Samples:
+    """Rows of ``data`` encoded for ``ref`` (labels mapped to its class ids), or seeded generated inputs."""
+    from .data import load_images, model_label_map, read_data
+
+    if data is None:
+        return _generated(ref, num_generated, max_length, seed)
+    table = read_data(data, text_column=text_column, label_column=label_column, limit=limit)
+    raw_labels = table.labels
+    labels = None
+    if raw_labels is not None:
+        num = _num_classes(ref)
+        lmap = model_label_map(ref.labels, num)
+        if lmap is None:
+            raise LilyDeployError(f"--data {data}: the reference model has no class labels to compare with")
+        labels = np.asarray(lmap.encode(raw_labels, where=f"--data {data}"), dtype=np.int64)
+    if hasattr(table, "files"):
+        files = table.files[:limit] if limit else table.files
+        if labels is not None:
+            labels = labels[:len(files)]
+        pixels = load_images(files, ref.image_size or 224)
+        items = [{"pixel_values": p} for p in pixels]
+        return Samples(items, labels, str(data), False, {})
+    if ref.tokenizer is None:
+        raise LilyDeployError(f"--reference has no tokenizer: text data {data} cannot be encoded")
+    enc = ref.tokenizer(list(table.texts), truncation=True, max_length=max_length)
+    names = [n for n in ref.input_names if n in enc]
+    items = [{n: torch.tensor(enc[n][i], dtype=torch.int64) for n in names} for i in range(len(table.texts))]
+    pad = ref.tokenizer.pad_token_id
+    return Samples(items, labels, str(data), False, {"input_ids": int(pad if pad is not None else 0)})
+
+
+def _generated(ref, n: int, max_length: int, seed: int) -> Samples:
+    g = torch.Generator().manual_seed(seed)
+    if ref.task == "image-cls":
+        size = ref.image_size or 224
+        items = [{"pixel_values": torch.rand(3, size, size, generator=g) * 2 - 1} for _ in range(n)]
+        return Samples(items, None, f"generated ({n} seeded random images)", True, {})
+    tok = ref.tokenizer
+    vocab = int(getattr(getattr(ref.model, "config", None), "vocab_size", 1000))
+    special = {getattr(tok, a, None) for a in ("cls_token_id", "sep_token_id", "pad_token_id")} if tok else set()
+    cls = getattr(tok, "cls_token_id", None) if tok else None
+    sep = getattr(tok, "sep_token_id", None) if tok else None
+    lo = min(1000, vocab // 2)
+    hi_len = max(4, min(max_length, 64))
+    items = []
+    for _ in range(n):
+        length = int(torch.randint(3, hi_len + 1, (1,), generator=g))
+        ids = torch.randint(lo, vocab, (length,), generator=g)
+        ids = torch.tensor([t if t not in special else lo for t in ids.tolist()])
+        if cls is not None and sep is not None and length >= 3:
+            ids[0], ids[-1] = cls, sep
+        item = {"input_ids": ids, "attention_mask": torch.ones(length, dtype=torch.int64)}
+        if "token_type_ids" in ref.input_names:
+            item["token_type_ids"] = torch.zeros(length, dtype=torch.int64)
+        items.append(item)
+    pad = getattr(tok, "pad_token_id", None) if tok else None
+    return Samples(items, None, f"generated ({n} seeded random token sequences)", True,
+                   {"input_ids": int(pad if pad is not None else 0)})
+
+
+def _num_classes(ref) -> Optional[int]:
+    if ref.labels:
+        return len(ref.labels)
+    cfg = getattr(ref.model, "config", None)
+    return getattr(cfg, "num_labels", None) or getattr(ref.model, "num_classes", None)
+
+
+# --------------------------------------------------------------------------- candidates
+
+_NP_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
+             "tensor(float16)": np.float16, "tensor(double)": np.float64, "tensor(bool)": np.bool_}
+_REPORT_DTYPES = {"int64": np.int64, "int32": np.int32, "float32": np.float32, "float16": np.float16,
+                  "bool": np.bool_}
+
+
+@dataclass
+class Candidate:
+    """A model under test: where it runs, what it takes and gives, its precision and routing."""
+
+    name: str
+    path: Path
+    kind: str  # onnx, engine, torch
+    backend: str
+    precision: str
+    routing: Optional[str]  # from its metadata (None: not recorded)
+    inputs: dict[str, Optional[type]]  # name -> numpy dtype
+    outputs: list[str]
+    static_batch: Optional[int] = None
+    static_seq: Optional[int] = None
+    static_classes: Optional[int] = None
+    meta: dict = field(default_factory=dict)
+    skip: Optional[str] = None
+    notes: list[str] = field(default_factory=list)
+    runner: object = None
+
+    def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        return self.runner(feeds)
+
+
+def _normalise_precision(value: str) -> Optional[str]:
+    v = str(value).strip().strip('"').lower()
+    for key, names in (("int8", ("int8", "qdq", "int8 (q/dq)")), ("fp16", ("fp16", "float16", "half")),
+                       ("bf16", ("bf16", "bfloat16")), ("fp32", ("fp32", "float32", "float"))):
+        if v in names or v.startswith(key):
+            return key
+    return None
+
+
+def detect_precision(model) -> tuple[str, str]:
+    """(precision, how it was decided) for an ONNX ModelProto."""
+    from onnx import TensorProto
+
+    meta = {p.key: p.value for p in model.metadata_props}
+    if "lily_deploy.precision" in meta:
+        p = _normalise_precision(meta["lily_deploy.precision"])
+        if p:
+            return p, "metadata lily_deploy.precision"
+    nodes = list(model.graph.node) + [n for f in model.functions for n in f.node]
+    q = sum(1 for n in nodes if n.op_type in QUANT_OPS)
+    if q:
+        return "int8", f"{q} quantization nodes in the graph"
+    types = {t.data_type for t in model.graph.initializer}
+    casts = {a.i for n in nodes if n.op_type == "Cast" for a in n.attribute if a.name == "to"}
+    if TensorProto.FLOAT16 in types or TensorProto.FLOAT16 in casts:
+        return "fp16", "fp16 initializers or casts in the graph"
+    if TensorProto.BFLOAT16 in types or TensorProto.BFLOAT16 in casts:
+        return "bf16", "bf16 initializers or casts in the graph"
+    return "fp32", "no reduced-precision tensors in the graph"
+
+
+def _meta_value(meta: dict, key: str):
+    value = meta.get(key)
+    if value is None:
+        return None
+    try:
+        return json.loads(value)
+    except (json.JSONDecodeError, TypeError):
+        return value
+
+
+def _static(dim) -> Optional[int]:
+    return int(dim) if isinstance(dim, int) and dim > 0 else None
+
+
+def open_onnx(path: Path, flag: str = "--candidate") -> Candidate:
+    import onnx
+    import onnxruntime as ort
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises several types for a file that is not ONNX
+        raise LilyDeployError(f"{flag} {path}: not a readable ONNX file ({str(exc).splitlines()[0][:200]})") from None
+    meta = {p.key: p.value for p in model.metadata_props}
+    precision, why = detect_precision(model)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's errors: unknown op, bad graph, missing .data
+        raise LilyDeployError(f"{flag} {path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:300]})") from None
+    inputs = {i.name: _NP_TYPES.get(i.type) for i in session.get_inputs()}
+    outs = session.get_outputs()
+    first = session.get_inputs()[0]
+    batch = _static(first.shape[0]) if first.shape else None
+    seq = _static(first.shape[1]) if len(first.shape) > 1 and first.name != "pixel_values" else None
+    out0 = next((o for o in outs if o.name == "logits"), outs[0])
+    classes = _static(out0.shape[-1]) if out0.shape else None
+    names = [o.name for o in outs]
+
+    def runner(feeds):
+        res = session.run(names, {n: v.numpy().astype(inputs[n] or np.int64, copy=False) for n, v in feeds.items()})
+        return dict(zip(names, res))
+
+    c = Candidate(path.name, path, "onnx", "onnxruntime-cpu", precision, _meta_value(meta, "lily_deploy.routing"),
+                  inputs, names, batch, seq, classes, meta, runner=runner)
+    c.notes.append(f"precision {precision}: {why}")
+    return c
+
+
+def open_engine(path: Path) -> Candidate:
+    """An engine's I/O from its build report; it runs only where a GPU and the runner are."""
+    report_file = Path(str(path) + ".json")
+    report = {}
+    if report_file.is_file():
+        try:
+            report = json.loads(report_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise LilyDeployError(f"--candidate {path}: build report {report_file} is not JSON ({exc})") from None
+    inputs = {t["name"]: _REPORT_DTYPES.get(t.get("dtype")) for t in report.get("inputs", [])}
+    outputs = [t["name"] for t in report.get("outputs", [])]
+    precision = _normalise_precision((report.get("precision") or {}).get("label", "fp32")) or "fp32"
+    routing = (report.get("onnx") or {}).get("routing")
+    out0 = next((t for t in report.get("outputs", []) if t["name"] == "logits"), None)
+    classes = _static((out0.get("onnx_shape") or [None])[-1]) if out0 else None
+    c = Candidate(path.name, path, "engine", "tensorrt", precision, routing, inputs, outputs,
+                  static_classes=classes, meta={"build_report": str(report_file) if report else None})
+    if not report:
+        c.notes.append(f"no build report {report_file.name}: inputs and outputs are checked when it runs")
+    c.skip = _engine_skip_reason()
+    if c.skip is None:
+        c.runner = _engine_runner(path, c)
+    return c
+
+
+def _engine_skip_reason() -> Optional[str]:
+    try:
+        has_gpu = torch.cuda.is_available()
+    except Exception:
+        has_gpu = False
+    if not has_gpu:
+        return "no CUDA GPU here: a TensorRT engine runs only on a GPU (run parity on the GPU machine)"
+    import importlib.util
+
+    if importlib.util.find_spec("lily_deploy.trt_runner") is None:
+        return "lily_deploy.trt_runner is not installed: engines cannot be run"
+    return None
+
+
+def _engine_runner(path: Path, cand: Candidate):
+    """Run an engine through ``lily_deploy.trt_runner`` (loaded lazily: TensorRT is optional)."""
+    from . import trt_runner  # noqa: F401  (checked by _engine_skip_reason)
+
+    load = getattr(trt_runner, "load_engine", None) or getattr(trt_runner, "TrtRunner", None)
+    if load is None:
+        cand.skip = "lily_deploy.trt_runner offers no load_engine/TrtRunner: engines cannot be run"
+        return None
+    engine = load(str(path))
+    if not cand.inputs and hasattr(engine, "input_names"):
+        cand.inputs = {n: None for n in engine.input_names}
+    if not cand.outputs and hasattr(engine, "output_names"):
+        cand.outputs = list(engine.output_names)
+
+    def runner(feeds):
+        res = engine.run({n: v.numpy().astype(cand.inputs.get(n) or np.int64, copy=False)
+                          for n, v in feeds.items()})
+        return {k: (v.detach().float().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
+                for k, v in res.items()}
+
+    return runner
+
+
+def open_torch_candidate(path: Path, base: Optional[str]) -> Candidate:
+    from .export import open_model
+
+    from .deploy import DEPLOY_CONFIG
+
+    model = open_model(path, base=base)
+    modes = {layer.mode for layer in model.layers.values() if layer.mode != "static"}
+    routing = None  # an adapter folder has no deploy routing of its own: it follows the reference
+    if (path / DEPLOY_CONFIG).is_file():
+        routing = modes.pop() if len(modes) == 1 else ("none" if not modes else None)
+
+    def runner(feeds):
+        with torch.inference_mode():
+            return {"logits": model.logits(**feeds).float().numpy()}
+
+    c = Candidate(path.name or str(path), path, "torch", "torch-cpu", "fp32", routing,
+                  {n: np.int64 for n in model.input_names}, ["logits"], runner=runner)
+    c.meta = {"model": model}
+    return c
+
+
+def open_candidate(spec: str | Path, base: Optional[str] = None) -> Candidate:
+    """An ONNX file, an engine file, or a model folder (adapter / checkpoint, run in torch)."""
+    path = Path(str(spec))
+    if not path.exists():
+        raise LilyDeployError(f"--candidate {path} does not exist")
+    if path.is_dir():
+        return open_torch_candidate(path, base)
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        return open_onnx(path)
+    if suffix in ENGINE_SUFFIXES:
+        return open_engine(path)
+    raise LilyDeployError(f"--candidate {path}: not an .onnx file, an engine ({', '.join(ENGINE_SUFFIXES)}) "
+                          "or a model folder")
+
+
+def check_compatible(cand: Candidate, ref, ref_outputs: Sequence[str]) -> None:
+    """Refuse, naming the candidate, one whose task, labels, inputs or outputs differ from the reference's."""
+    from .data import model_label_map
+
+    where = f"--candidate {cand.path}"
+    task = _meta_value(cand.meta, "lily_deploy.task")
+    if task and task != ref.task:
+        raise LilyDeployError(f"{where}: was exported for task {task}, the reference is a {ref.task} model")
+    labels = _meta_value(cand.meta, "lily_deploy.labels")
+    if labels and ref.labels:
+        mine = model_label_map(labels).labels
+        theirs = model_label_map(ref.labels).labels
+        if mine != theirs:
+            raise LilyDeployError(f"{where}: labels {', '.join(mine)} differ from the reference's "
+                                  f"{', '.join(theirs)}")
+    ref_inputs = list(ref.input_names)
+    if cand.inputs:
+        extra = [n for n in cand.inputs if n not in ref_inputs]
+        if extra:
+            raise LilyDeployError(f"{where}: needs input {extra[0]!r}, which the reference does not give "
+                                  f"(reference inputs: {', '.join(ref_inputs)})")
+        for n, dt in cand.inputs.items():
+            if dt is not None and n != "pixel_values" and not np.issubdtype(dt, np.integer):
+                raise LilyDeployError(f"{where}: input {n!r} is {np.dtype(dt).name}, the reference gives int64 "
+                                      "token ids")
+            if dt is not None and n == "pixel_values" and not np.issubdtype(dt, np.floating):
+                raise LilyDeployError(f"{where}: input {n!r} is {np.dtype(dt).name}, the reference gives float pixels")
+        skipped = [n for n in ref_inputs if n not in cand.inputs]
+        if skipped:
+            cand.notes.append(f"takes no {', '.join(skipped)} (the reference's are not fed to it)")
+    if cand.outputs:
+        missing = [o for o in ref_outputs if o not in cand.outputs]
+        if missing:
+            raise LilyDeployError(f"{where}: has no output {missing[0]!r} (its outputs: {', '.join(cand.outputs)}); "
+                                  f"the reference gives {', '.join(ref_outputs)}")
+    num = _num_classes(ref)
+    if cand.static_classes is not None and num and cand.static_classes != num:
+        raise LilyDeployError(f"{where}: output logits has {cand.static_classes} classes, the reference has {num}")
+
+
+# --------------------------------------------------------------------------- results
+
+@dataclass
+class Check:
+    """One judged quantity; truthy when it passes (``passed`` None: reported, not judged)."""
+
+    name: str
+    value: float
+    limit: Optional[float]
+    passed: Optional[bool]
+    detail: str = ""
+
+    def __bool__(self) -> bool:
+        return self.passed is not False
+
+
+@dataclass
+class BatchResult:
+    batch_size: int
+    metric: float
+    reference_metric: float
+    metric_delta: float
+    agreement: float
+    outputs: dict[str, dict]
+
+
+@dataclass
+class Invariance:
+    samples: int
+    max_abs: Optional[float]
+    top1_flips: int
+    reference_max_abs: Optional[float]
+    required: bool
+    passed: Optional[bool]
+    note: str = ""
+
+
+@dataclass
+class CandidateResult:
+    name: str
+    path: str
+    kind: str
+    backend: str
+    precision: str
+    routing: Optional[str]
+    status: str  # PASSED, FAILED, SKIPPED
+    reason: str = ""
+    tolerance: dict = field(default_factory=dict)
+    batches: list[BatchResult] = field(default_factory=list)
+    invariance: Optional[Invariance] = None
+    checks: list[Check] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return self.status != "FAILED"
+
+    @property
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if c.passed is False]
+
+
+@dataclass
+class ParityReport:
+    reference: dict
+    data: dict
+    metric: str
+    batch_sizes: list[int]
+    candidates: list[CandidateResult]
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return all(self.candidates)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self)
+
+    def summary(self) -> str:
+        n = {s: sum(1 for c in self.candidates if c.status == s) for s in ("PASSED", "FAILED", "SKIPPED")}
+        parts = [f"{n['PASSED']} passed"] + ([f"{n['FAILED']} failed"] if n["FAILED"] else []) + \
+                ([f"{n['SKIPPED']} skipped"] if n["SKIPPED"] else [])
+        return ", ".join(parts) + f" of {len(self.candidates)} candidates"
+
+    def final_line(self) -> str:
+        """One Polygraphy-style PASSED/FAILED line."""
+        detail = self.summary()
+        failed = [c for c in self.candidates if not c]
+        if failed:
+            first = failed[0]
+            why = first.failures[0] if first.failures else None
+            detail += f"; {first.name}: {why.detail if why else first.reason}"
+        return f"{'PASSED' if self else 'FAILED'} | parity: {detail} | {self.seconds:.1f} s"
+
+    def to_json(self) -> dict:
+        from .report import environment
+
+        cands = []
+        for c in self.candidates:
+            d = asdict(c)
+            cands.append(d)
+        return {
+            "schema_version": SCHEMA,
+            "kind": "parity",
+            "passed": self.passed,
+            "summary": self.summary(),
+            "reference": self.reference,
+            "data": self.data,
+            "metric": self.metric,
+            "batch_sizes": self.batch_sizes,
+            "candidates": cands,
+            "notes": self.notes,
+            "seconds": round(self.seconds, 3),
+            "environment": environment(),
+        }
+
+    # ---- text
+    def _rows(self, markdown: bool = False):
+        rows = []
+        for c in self.candidates:
+            if c.status == "SKIPPED":
+                rows.append([c.name, c.precision, c.routing or "-", "-", "-", "-", "-", "-", "-", "-", "-",
+                             f"SKIPPED ({c.reason})" if markdown else "SKIPPED"])
+                continue
+            for k, b in enumerate(c.batches):
+                o = b.outputs.get("logits") or next(iter(b.outputs.values()))
+                rows.append([c.name if k == 0 else "", c.precision if k == 0 else "",
+                             (c.routing or "-") if k == 0 else "", str(b.batch_size), f"{b.metric:.2f}",
+                             f"{b.metric_delta:+.2f}", f"{b.agreement:.2f}%", f"{o['max_abs']:.2e}",
+                             f"{o['mean_abs']:.2e}", f"{o['p99_abs']:.2e}", f"{o['cosine_min']:.6f}",
+                             c.status if k == 0 else ""])
+        return rows
+
+    def headers(self) -> list[str]:
+        return ["candidate", "precision", "routing", "batch", self.metric, "delta", "agree", "max|d|",
+                "mean|d|", "p99|d|", "cos min", "status"]
+
+    def table(self) -> str:
+        from .report import text_table
+
+        ref = self.reference
+        lines = [f"reference  {ref['path']} (torch, {ref['task']}, {ref['lily_layers']} Lily layers, "
+                 f"{ref['folded_layers']} folded; labels {', '.join(ref['labels'] or []) or '-'})",
+                 f"data       {self.data['source']}: {self.data['rows']} rows, "
+                 f"{'labelled' if self.data['labelled'] else 'no labels'}; metric {self.metric}; "
+                 f"batch sizes {', '.join(map(str, self.batch_sizes))}",
+                 "", text_table(self.headers(), self._rows()), ""]
+        for c in self.candidates:
+            lines.append(f"{c.name}: {c.status}" + (f" -- {c.reason}" if c.reason else ""))
+            if c.invariance is not None:
+                lines.append(f"  batch invariance: {_invariance_text(c.invariance)}")
+            for ch in c.checks:
+                mark = {True: "ok", False: "FAILED", None: "info"}[ch.passed]
+                lines.append(f"  [{mark:>6}] {ch.detail}")
+            for note in c.notes:
+                lines.append(f"  note: {note}")
+        for note in self.notes:
+            lines.append(f"note: {note}")
+        return "\n".join(lines)
+
+    def markdown(self) -> str:
+        from .report import markdown_table
+
+        ref = self.reference
+        out = [f"# lily-deploy parity: {'PASSED' if self else 'FAILED'}", "",
+               f"- reference: `{ref['path']}` (torch, {ref['task']}, {ref['lily_layers']} Lily layers, "
+               f"{ref['folded_layers']} folded)",
+               f"- data: `{self.data['source']}`, {self.data['rows']} rows, "
+               f"{'labelled' if self.data['labelled'] else 'no labels'}; metric **{self.metric}**",
+               f"- {self.summary()} in {self.seconds:.1f} s", "",
+               markdown_table(self.headers(), self._rows(markdown=True), align="lllrrrrrrrrl"), "",
+               "| candidate | batch invariance (alone vs one padded batch) |", "| --- | --- |"]
+        for c in self.candidates:
+            out.append(f"| {c.name} | {_invariance_text(c.invariance) if c.invariance else c.reason or '-'} |")
+        fails = [(c.name, ch.detail) for c in self.candidates for ch in c.failures]
+        if fails:
+            out += ["", "## Failures", ""] + [f"- {n}: {d}" for n, d in fails]
+        return "\n".join(out) + "\n"
+
+
+def _invariance_text(inv: Invariance) -> str:
+    if inv.max_abs is None:
+        return inv.note
+    verdict = {True: "PASSED", False: "FAILED", None: "finding"}[inv.passed]
+    ref = f"; torch reference {inv.reference_max_abs:.2e}" if inv.reference_max_abs is not None else ""
+    return (f"{inv.samples} samples: max |d| {inv.max_abs:.2e}, {inv.top1_flips} top-1 flips{ref} -> {verdict}"
+            + (f" ({inv.note})" if inv.note else ""))
+
+
+# --------------------------------------------------------------------------- the run
+
+class _Reference:
+    """The torch reference, run once per (routing, batching) and cached."""
+
+    def __init__(self, model, samples: Samples):
+        self.model = model
+        self.samples = samples
+        self.cache: dict = {}
+
+    def run(self, batch: dict[str, torch.Tensor], routing: Optional[str]) -> np.ndarray:
+        if routing and routing != "none" and self.model.layers:
+            self.model.set_routing(routing)
+        with torch.inference_mode():
+            return self.model.logits(**batch).float().numpy()
+
+
+def _plan(n: int, batch_size: int, static_batch: Optional[int]) -> list[tuple[list[int], int]]:
+    """Batches as (sample indices, number of real rows); a fixed batch dim gets filler rows."""
+    bs = static_batch or batch_size
+    plan = []
+    for start in range(0, n, bs):
+        idx = list(range(start, min(start + bs, n)))
+        real = len(idx)
+        if static_batch and real < bs:
+            idx += [idx[0]] * (bs - real)
+        plan.append((idx, real))
+    return plan
+
+
+def _feeds(batch: dict[str, torch.Tensor], cand: Candidate) -> dict[str, torch.Tensor]:
+    return {n: t for n, t in batch.items() if not cand.inputs or n in cand.inputs}
+
+
+def _check_shape(cand: Candidate, name: str, got: np.ndarray, ref: np.ndarray) -> None:
+    if tuple(got.shape) != tuple(ref.shape):
+        raise LilyDeployError(f"--candidate {cand.path}: output {name!r} has shape {list(got.shape)}, "
+                              f"the reference gives {list(ref.shape)}")
+
+
+def _run_batches(cand: Candidate, ref: _Reference, samples: Samples, bs: int, routing: Optional[str], bar):
+    """Candidate and reference logits over every sample, batched the same way."""
+    key = (routing, bs, cand.static_batch, cand.static_seq)
+    plan = _plan(len(samples), bs, cand.static_batch)
+    ref_out = ref.cache.get(key)
+    outs, refs = [], []
+    for idx, real in plan:
+        batch = samples.collate(idx, cand.static_seq)
+        got = cand.run(_feeds(batch, cand))
+        if ref_out is None:
+            refs.append(ref.run(batch, routing)[:real])
+        outs.append({k: np.asarray(v)[:real] for k, v in got.items()})
+        bar.update(real)
+    if ref_out is None:
+        ref_out = np.concatenate(refs)
+        ref.cache[key] = ref_out
+    got = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+    return got, ref_out
+
+
+def _invariance_indices(samples: Samples, k: int) -> list[int]:
+    """``k`` samples spread over the length distribution (so the batch is mixed and padded)."""
+    n = len(samples)
+    k = min(k, n)
+    order = sorted(range(n), key=lambda i: (samples.length(i), i))
+    if k <= 1:
+        return order[:k]
+    picks = sorted({order[round(j * (n - 1) / (k - 1))] for j in range(k)})
+    extra = [i for i in order if i not in picks]
+    return (picks + extra)[:k]
+
+
+def _invariance(cand: Candidate, ref: _Reference, samples: Samples, routing: Optional[str], k: int,
+                tol: Tolerance) -> Invariance:
+    required = (routing or "sample") in INVARIANCE_REQUIRED
+    if cand.static_batch == 1:
+        return Invariance(0, None, 0, None, required, None, "not measured: the candidate's batch dimension is fixed at 1")
+    if cand.static_batch:
+        k = cand.static_batch
+    idx = _invariance_indices(samples, k)
+    if len(idx) < 2:
+        return Invariance(len(idx), None, 0, None, required, None, "not measured: needs at least 2 samples")
+    mixed = samples.collate(idx, cand.static_seq)
+    together = cand.run(_feeds(mixed, cand))["logits"].astype(np.float64)
+    ref_together = ref.run(mixed, routing)
+    alone, ref_alone = [], []
+    for i in idx:
+        one = samples.collate([i], cand.static_seq)
+        alone.append(cand.run(_feeds(one, cand))["logits"][0])
+        ref_alone.append(ref.run(one, routing)[0])
+    alone = np.stack(alone).astype(np.float64)
+    ref_alone = np.stack(ref_alone)
+    diff = float(np.abs(alone - together).max())
+    ref_diff = float(np.abs(ref_alone - ref_together).max())
+    flips = int(np.sum(alone.argmax(-1) != together.argmax(-1)))
+    lengths = sorted({samples.length(i) for i in idx})
+    note = f"lengths {lengths[0]}..{lengths[-1]}" if lengths and lengths[-1] else ""
+    if required:
+        passed = diff <= tol.invariance_atol
+        note = f"atol {tol.invariance_atol:g}" + (f", {note}" if note else "")
+    else:
+        passed = None
+        holds = diff <= tol.invariance_atol
+        note = ("batch routing mixes one vector over the whole padded batch, as PEFT does: "
+                + ("within atol on these inputs" if holds else "outputs depend on the batch")
+                + (f"; {note}" if note else ""))
+    return Invariance(len(idx), diff, flips, ref_diff, required, passed, note)
+
+
+def _judge(res: CandidateResult, tol: Tolerance, metric: str) -> None:
+    for name in (res.batches[0].outputs if res.batches else {}):
+        limit = tol.atol_for(name)
+        worst = max(b.outputs[name][f"{tol.stat}_abs"] for b in res.batches)
+        if limit is None:
+            res.checks.append(Check(f"{name} {tol.stat} abs", worst, None, None,
+                                    f"{name}: {tol.stat} |d| {worst:.2e} (reported; {res.precision} is judged on "
+                                    "agreement and the task metric)"))
+        else:
+            res.checks.append(Check(f"{name} {tol.stat} abs", worst, limit, worst <= limit,
+                                    f"{name}: {tol.stat} |d| {worst:.2e} {'<=' if worst <= limit else '>'} "
+                                    f"atol {limit:g}"))
+    agree = min(b.agreement for b in res.batches)
+    res.checks.append(Check("top-1 agreement", agree, tol.min_agreement, agree >= tol.min_agreement - 1e-9,
+                            f"top-1 agreement {agree:.2f}% {'>=' if agree >= tol.min_agreement - 1e-9 else '<'} "
+                            f"{tol.min_agreement:g}%"))
+    if metric != "agreement":
+        drop = max(-b.metric_delta for b in res.batches)
+        ok = drop <= tol.max_metric_drop + 1e-9
+        res.checks.append(Check(f"{metric} drop", drop, tol.max_metric_drop, ok,
+                                f"{metric} drop {max(drop, 0.0):.2f} points {'<=' if ok else '>'} "
+                                f"{tol.max_metric_drop:g}"))
+    inv = res.invariance
+    if inv is not None and inv.max_abs is not None:
+        if inv.required:
+            res.checks.append(Check("batch invariance", inv.max_abs, tol.invariance_atol, inv.passed,
+                                    f"batch invariance ({res.routing or 'sample'} routing): max |d| "
+                                    f"{inv.max_abs:.2e} {'<=' if inv.passed else '>'} {tol.invariance_atol:g}"))
+        else:
+            res.checks.append(Check("batch invariance", inv.max_abs, None, None,
+                                    f"batch invariance (batch routing, a finding): a sample's logits move by up "
+                                    f"to {inv.max_abs:.2e} inside a padded batch, {inv.top1_flips} of "
+                                    f"{inv.samples} top-1 flips"))
+    for b in res.batches:
+        for name, o in b.outputs.items():
+            if not o["finite"]:
+                res.checks.append(Check(f"{name} finite", 0.0, None, False,
+                                        f"{name}: non-finite values at batch {b.batch_size}"))
+    res.status = "PASSED" if all(res.checks) else "FAILED"
+    if res.status == "FAILED":
+        res.reason = "; ".join(c.detail for c in res.failures)
+
+
+def check_reference_path(reference: str | Path) -> None:
+    p = Path(str(reference))
+    if p.suffix.lower() == ".onnx" or p.suffix.lower() in ENGINE_SUFFIXES:
+        raise LilyDeployError(f"--reference {p}: the reference is the torch model (an adapter folder, a deploy "
+                              "checkpoint or a base model such as minilm), not an exported file")
+
+
+def run_parity(
+    reference: str | Path,
+    candidates: Sequence[str | Path],
+    data: Optional[str | Path] = None,
+    metric: Optional[str] = None,
+    tolerances: Optional[dict[str, Tolerance]] = None,
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    routing: Optional[str] = None,
+    limit: Optional[int] = None,
+    max_length: int = 128,
+    text_column: Optional[str] = None,
+    label_column: Optional[str] = None,
+    base: Optional[str] = None,
+    num_generated: int = 64,
+    invariance_samples: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+) -> ParityReport:
+    """Run the reference and every candidate on the same inputs and judge each candidate.
+
+    ``routing`` is the reference's routing for candidates whose metadata records none (default
+    ``sample``); a candidate whose recorded routing differs from an explicit ``routing`` is an error.
+    Bad input raises :class:`LilyDeployError`; a failed comparison is a FAILED result, not an error.
+    """
+    from tqdm.auto import tqdm
+
+    from converters.hpmix import DYNAMIC_MODES
+
+    from .export import open_model
+
+    started = time.perf_counter()
+    if not candidates:
+        raise LilyDeployError("no --candidate given: name at least one ONNX file, engine or model folder")
+    if metric is not None and metric not in METRICS:
+        raise LilyDeployError(f"--metric {metric!r}: choose one of {', '.join(METRICS)}")
+    if routing is not None and routing not in DYNAMIC_MODES:
+        raise LilyDeployError(f"--routing {routing!r}: choose one of {', '.join(DYNAMIC_MODES)}")
+    bad = [b for b in batch_sizes if int(b) < 1]
+    if bad or not batch_sizes:
+        raise LilyDeployError(f"--batch-sizes: expected positive integers, got {list(batch_sizes)}")
+    if limit is not None and limit < 1:
+        raise LilyDeployError(f"--limit {limit}: must be >= 1")
+    if data is None and metric in LABELLED_METRICS:
+        raise LilyDeployError(f"--metric {metric} needs labelled data: give --data FILE with a label column "
+                              "(or use --metric agreement)")
+    check_reference_path(reference)
+    tolerances = tolerances or make_tolerances()
+    # open the candidates first: a missing file should not wait for a model load
+    for spec in candidates:
+        p = Path(str(spec))
+        if not p.exists():
+            raise LilyDeployError(f"--candidate {p} does not exist")
+    ref_model = open_model(reference, base=base)
+    ref_model.eval()
+    samples = load_samples(ref_model, data, limit, max_length, text_column, label_column, num_generated, seed)
+    if metric is None:
+        metric = "accuracy" if samples.labels is not None else "agreement"
+    if metric in LABELLED_METRICS and samples.labels is None:
+        raise LilyDeployError(f"--metric {metric} needs labels, but --data {data} has no label column "
+                              "(looked for label, labels, class, target; name it with --label-column, "
+                              "or use --metric agreement)")
+    cands = [open_candidate(spec, base=base) for spec in candidates]
+    for c in cands:
+        check_compatible(c, ref_model, ["logits"])
+    ref = _Reference(ref_model, samples)
+    num_classes = _num_classes(ref_model) or 2
+    results: list[CandidateResult] = []
+    total = sum(len(samples) * len(batch_sizes) for c in cands if c.skip is None)
+    bar = tqdm(total=total, desc="parity", unit="sample", disable=None if progress else True, leave=False)
+    notes = []
+    if samples.generated:
+        notes.append(f"no --data: {samples.source}; metric is top-1 agreement with the reference")
+    try:
+        for c in cands:
+            res = CandidateResult(c.name, str(c.path), c.kind, c.backend, c.precision, c.routing, "PASSED",
+                                  notes=list(c.notes))
+            if c.skip is not None:
+                res.status, res.reason = "SKIPPED", c.skip
+                results.append(res)
+                continue
+            run_routing = _resolve_routing(c, routing, ref_model)
+            res.routing = run_routing if ref_model.layers else (c.routing or "none")
+            if c.kind == "torch" and run_routing and run_routing != "none" and c.meta["model"].layers:
+                c.meta["model"].set_routing(run_routing)
+            tol = tolerances[c.precision]
+            res.tolerance = asdict(tol)
+            for bs in batch_sizes:
+                got, ref_out = _run_batches(c, ref, samples, int(bs), run_routing, bar)
+                _check_shape(c, "logits", got["logits"], ref_out)
+                ref_preds = ref_out.argmax(-1)
+                preds = got["logits"].argmax(-1)
+                ref_metric = metric_value(metric, ref_preds, samples.labels, ref_preds, num_classes)
+                cand_metric = metric_value(metric, preds, samples.labels, ref_preds, num_classes)
+                outputs = {"logits": output_stats(got["logits"], ref_out)}
+                res.batches.append(BatchResult(c.static_batch or int(bs), cand_metric, ref_metric,
+                                               cand_metric - ref_metric,
+                                               100.0 * float(np.mean(preds == ref_preds)), outputs))
+                if c.static_batch and c.static_batch != bs:
+                    res.notes.append(f"batch dimension fixed at {c.static_batch}: ran batch {c.static_batch} "
+                                     f"instead of {bs}")
+                    break
+            res.invariance = _invariance(c, ref, samples, run_routing if ref_model.layers else "none",
+                                         invariance_samples, tol)
+            _judge(res, tol, metric)
+            results.append(res)
+    finally:
+        bar.close()
+    layers = ref_model.layers
+    reference_info = {"path": str(reference), "backend": "torch-cpu", "task": ref_model.task,
+                      "labels": ref_model.labels and [str(x) for x in ref_model.labels],
+                      "lily_layers": len(layers), "folded_layers": len(ref_model.folded or {}),
+                      "base_model": ref_model.meta.get("base_model")}
+    data_info = {"source": samples.source, "rows": len(samples), "labelled": samples.labels is not None,
+                 "generated": samples.generated, "max_length": max_length, "limit": limit}
+    return ParityReport(reference_info, data_info, metric, [int(b) for b in batch_sizes], results,
+                        time.perf_counter() - started, notes)
+
+
+def _resolve_routing(c: Candidate, routing: Optional[str], ref_model) -> Optional[str]:
+    """The routing the reference runs in for candidate ``c``."""
+    recorded = c.routing if c.routing not in (None, "none") else None
+    if routing is not None and recorded is not None and recorded != routing:
+        raise LilyDeployError(f"--candidate {c.path}: was exported with --routing {recorded}, but --routing "
+                              f"{routing} was asked for the reference (drop --routing to follow each candidate)")
+    if c.routing == "none" and not routing:
+        return "sample"
+    return recorded or routing or "sample"

@@ -1,0 +1,408 @@
+"""``quantize``: FP16 and INT8 (Q/DQ) ONNX graphs, validated against the fp32 graph.
+
+TensorRT 11 has no precision flags, so precision lives in the ONNX: FP16 as casts with fp32
+inputs and outputs, INT8 as Q/DQ pairs from calibration on real data (symmetric, per-channel
+weights: the form TensorRT accepts; ``calib/qdq.py``). The same graphs run on onnxruntime's
+CPU, so every run ends by measuring them against the fp32 graph on held-out data (top-1
+agreement, task accuracy, logit differences) and refuses to write a graph that loses more
+accuracy than ``max_accuracy_drop`` allows.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from calib import qdq
+from calib.readers import CalibSet, default_cache_dir, load_calibration, onnx_input_specs, resolve_tokenizer
+
+from .errors import LilyDeployError
+from .fileio import check_output_parent, sha256_file
+
+PRECISIONS = ("int8", "fp16")
+DEFAULT_CALIB_SIZE = 256
+DEFAULT_VAL_SIZE = 1000
+DEFAULT_MAX_DROP = 1.0
+OUTPUT_NAME = "logits"
+_LARGE = 1_800_000_000  # above this, weights go to an external .data file (protobuf's 2 GB limit)
+
+
+@dataclass
+class Validation:
+    """The quantized graph against the fp32 graph on the same inputs; truthy when within budget."""
+
+    source: str
+    rows: int
+    precision: str
+    agreement: float  # top-1 agreement, fraction
+    max_abs: float
+    mean_abs: float
+    acc_fp32: Optional[float]  # task accuracy in percent (None without labels)
+    acc_quant: Optional[float]
+    max_drop: float
+
+    @property
+    def metric(self) -> str:
+        return "accuracy" if self.acc_fp32 is not None else "top-1 disagreement"
+
+    @property
+    def drop(self) -> float:
+        """Accuracy points lost; without labels, the share of rows whose top-1 changed (points)."""
+        if self.acc_fp32 is not None:
+            return self.acc_fp32 - self.acc_quant
+        return 100.0 * (1.0 - self.agreement)
+
+    def __bool__(self) -> bool:
+        return self.drop <= self.max_drop + 1e-9
+
+    def lines(self) -> list[str]:
+        out = [f"validation against fp32 on {self.source}:"]
+        if self.acc_fp32 is not None:
+            out.append(f"  accuracy  fp32 {self.acc_fp32:.2f}%  {self.precision} {self.acc_quant:.2f}%  "
+                       f"drop {self.drop:+.2f} points (max {self.max_drop:.2f})")
+        else:
+            out.append(f"  no labels: top-1 disagreement {self.drop:.2f} points (max {self.max_drop:.2f})")
+        out.append(f"  top-1 agreement {100 * self.agreement:.2f}%  {OUTPUT_NAME} max abs diff {self.max_abs:.3e}  "
+                   f"mean abs diff {self.mean_abs:.3e}")
+        out.append("PASSED" if self else f"FAILED: {self.metric} drop {self.drop:.2f} > {self.max_drop:.2f} points")
+        return out
+
+    def to_json(self) -> dict:
+        return {"data": self.source, "rows": self.rows, "top1_agreement": round(self.agreement, 6),
+                "max_abs": self.max_abs, "mean_abs": self.mean_abs, "accuracy_fp32": self.acc_fp32,
+                "accuracy": self.acc_quant, "drop_points": round(self.drop, 4), "max_drop_points": self.max_drop,
+                "passed": bool(self)}
+
+
+@dataclass
+class QuantizeResult:
+    path: Path
+    precision: str
+    adapter_precision: str
+    adapter_layers: int
+    method: Optional[str] = None
+    calib: Optional[str] = None
+    calib_rows: int = 0
+    kept_fp32: dict = field(default_factory=dict)  # reason -> node names
+    int8_matmuls: int = 0
+    validation: Optional[Validation] = None
+    written: bool = False
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return self.validation is None or bool(self.validation)
+
+    def table(self) -> str:
+        lines = []
+        if self.precision == "int8":
+            lines.append(f"int8 Q/DQ: symmetric int8 activations, per-channel int8 weights, float biases; "
+                         f"{self.method} calibration on {self.calib_rows} rows of {self.calib}")
+            lines.append(f"  {self.int8_matmuls} MatMul/Gemm nodes run int8")
+        else:
+            lines.append("fp16: fp16 weights and activations, fp32 inputs and outputs")
+        if self.adapter_layers:
+            adapter = {"int8": "int8 (LP, router, h @ B~ MatMuls)", "fp16": "fp16 (LP, router, h @ B~)",
+                       "fp32": "fp32 (LP, router, h @ B~)"}[self.adapter_precision]
+            lines.append(f"  lily::HPMix: {self.adapter_layers} layers inlined; adapter {adapter}; "
+                         "router softmax and mixing vector fp32")
+        kept = ", ".join(f"{reason} {len(names)}" for reason, names in self.kept_fp32.items())
+        if kept:
+            lines.append(f"  kept fp32: {kept} nodes")
+        sensitive = self.kept_fp32.get("numerically sensitive ops")
+        if sensitive:
+            lines.append(f"    sensitive ops kept fp32: {_abbrev(sensitive)}")
+        user = self.kept_fp32.get("--exclude-nodes/--exclude-op-types")
+        if user:
+            lines.append(f"    excluded by you: {_abbrev(user)}")
+        for n in self.notes:
+            lines.append(f"note: {n}")
+        if self.validation is not None:
+            lines += self.validation.lines()
+        return "\n".join(lines)
+
+
+def _abbrev(names: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _load_onnx(path: Path):
+    import onnx
+
+    if not path.is_file():
+        raise LilyDeployError(f"{path}: no such ONNX file")
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:  # protobuf DecodeError, missing external data, ...
+        raise LilyDeployError(f"{path}: not a readable ONNX model ({str(exc).splitlines()[0][:200]})") from None
+
+
+def _metadata(model) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def _set_metadata(model, meta: dict) -> None:
+    del model.metadata_props[:]
+    for key, value in meta.items():
+        entry = model.metadata_props.add()
+        entry.key = key
+        entry.value = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def _labels_from_meta(meta: dict) -> Optional[list[str]]:
+    raw = meta.get("lily_deploy.labels")
+    if not raw:
+        return None
+    try:
+        labels = json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+    return [str(l) for l in labels] if isinstance(labels, list) and labels else None
+
+
+def _session(path: Path, threads: Optional[int] = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    # EXTENDED or higher: onnxruntime fuses Q/DQ pairs into int8 kernels, as deployment runs them
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    if threads:
+        so.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's Fail/InvalidGraph/NotImplemented
+        raise LilyDeployError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:300]})") from None
+
+
+def validate(reference: Path, candidate: Path, data: CalibSet, precision: str, labels: Optional[list[str]],
+             max_drop: float, source: str, progress: bool = True) -> Validation:
+    """Run both graphs on ``data`` and compare logits, top-1 and (with labels) accuracy."""
+    import numpy as np
+
+    ref_s, cand_s = _session(reference), _session(candidate)
+    out_name = OUTPUT_NAME if OUTPUT_NAME in [o.name for o in ref_s.get_outputs()] else ref_s.get_outputs()[0].name
+    bar = None
+    if progress and len(data) >= 64:
+        try:
+            import sys
+
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(data), desc="validating", unit="row", leave=False, file=sys.stderr)
+        except ImportError:
+            bar = None
+    refs, cands = [], []
+    try:
+        for batch in data.batches:
+            r = ref_s.run([out_name], batch)[0].astype(np.float64)
+            c = cand_s.run([out_name], batch)[0].astype(np.float64)
+            refs.append(r.reshape(-1, r.shape[-1]))
+            cands.append(c.reshape(-1, c.shape[-1]))
+            if bar is not None:
+                bar.update(next(iter(batch.values())).shape[0])
+    finally:
+        if bar is not None:
+            bar.close()
+    ref, cand = np.concatenate(refs), np.concatenate(cands)
+    if not np.isfinite(cand).all():
+        bad = int(np.argmax(~np.isfinite(cand).all(axis=1)))
+        raise LilyDeployError(f"the {precision} graph gives non-finite {out_name} on {source}, row {data.rows[bad] + 1}: "
+                              "exclude the overflowing nodes (--exclude-nodes / --exclude-op-types)")
+    diff = np.abs(cand - ref)
+    agreement = float((cand.argmax(-1) == ref.argmax(-1)).mean())
+    acc_ref = acc_q = None
+    if data.labels is not None and ref.shape[0] == len(data.labels):
+        from .data import model_label_map
+
+        label_map = model_label_map(labels, num_labels=ref.shape[-1])
+        unknown = sorted({l for l in data.labels if l not in label_map.index})
+        if unknown:
+            raise LilyDeployError(f"{data.source}: label {unknown[0]!r} is not one the model knows "
+                                  f"(labels: {', '.join(label_map.labels)})")
+        y = np.asarray([label_map.index[l] for l in data.labels])
+        acc_ref = 100.0 * float((ref.argmax(-1) == y).mean())
+        acc_q = 100.0 * float((cand.argmax(-1) == y).mean())
+    return Validation(source, ref.shape[0], precision, agreement, float(diff.max()), float(diff.mean()),
+                      acc_ref, acc_q, max_drop)
+
+
+def _save(model, path: Path) -> None:
+    import onnx
+
+    if model.ByteSize() > _LARGE:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+
+
+def quantize(
+    model_path: str | os.PathLike,
+    output: str | os.PathLike,
+    precision: str = "int8",
+    calib: Optional[str | os.PathLike] = None,
+    calib_method: str = "minmax",
+    calib_size: int = DEFAULT_CALIB_SIZE,
+    seed: int = 0,
+    batch_size: int = 16,
+    max_length: int = 128,
+    val: Optional[str | os.PathLike] = None,
+    val_size: Optional[int] = DEFAULT_VAL_SIZE,
+    max_accuracy_drop: float = DEFAULT_MAX_DROP,
+    adapter_precision: Optional[str] = None,
+    exclude_nodes: Sequence[str] = (),
+    exclude_op_types: Sequence[str] = (),
+    keep_sensitive: bool = True,
+    tokenizer: Optional[str] = None,
+    model: Optional[str] = None,
+    text_column: Optional[str] = None,
+    label_column: Optional[str] = None,
+    cache_dir: Optional[str | os.PathLike] = "default",
+    strict: bool = False,
+    keep_on_failure: bool = False,
+    progress: bool = True,
+) -> QuantizeResult:
+    """Write an ``int8`` (Q/DQ) or ``fp16`` version of ``model_path`` to ``output``, validated.
+
+    ``calib`` (required for int8) gives the calibration rows; validation uses ``val`` or, by
+    default, rows of ``calib`` that calibration did not use. The file is written only when the
+    accuracy drop is within ``max_accuracy_drop`` points (or with ``keep_on_failure``); the
+    result carries the validation either way. ``adapter_precision`` (default: ``precision``)
+    says whether the adapter's LP/router/HP MatMuls follow the model or stay fp32.
+    ``cache_dir``: "default" (``~/.cache/lily-deploy/calib``), a folder, or None for no cache.
+    """
+    started = time.perf_counter()
+    model_path, output = Path(model_path), Path(output)
+    if precision not in PRECISIONS:
+        raise LilyDeployError(f"precision {precision!r}: choose --int8 or --fp16")
+    check_output_parent(output, "-o")
+    if output.exists() and output.resolve() == model_path.resolve():
+        raise LilyDeployError(f"-o {output}: is the input model; write the {precision} graph to another file")
+    if output.is_dir():
+        raise LilyDeployError(f"-o {output}: is a folder; give the ONNX file's path")
+    adapter_precision = adapter_precision or precision
+    allowed = (precision, "fp32")
+    if adapter_precision not in allowed:
+        raise LilyDeployError(f"--adapter-precision {adapter_precision}: with --{precision} choose "
+                              f"{' or '.join(allowed)}")
+    if precision == "int8":
+        if calib is None:
+            raise LilyDeployError("--int8 needs calibration data: --calib FILE (TSV/CSV/JSONL, image folder or .npz)")
+        qdq.calibration_method(calib_method)  # validates the name early
+    if max_accuracy_drop < 0:
+        raise LilyDeployError(f"--max-accuracy-drop {max_accuracy_drop}: must be >= 0 (points)")
+    if calib is None and val is None:
+        raise LilyDeployError(f"--{precision} ends with a validation: give --val FILE (or --calib FILE)")
+
+    source = _load_onnx(model_path)
+    reason = qdq.quantized_reason(source)
+    if reason:
+        raise LilyDeployError(f"{model_path} is already quantized: {reason}; quantize the fp32 export instead")
+    specs = onnx_input_specs(source)
+    meta = _metadata(source)
+    if cache_dir == "default":
+        cache_dir = default_cache_dir()
+
+    tok_cache = {}
+
+    def get_tokenizer():
+        if "t" not in tok_cache:
+            tok_cache["t"] = resolve_tokenizer(tokenizer, model, meta.get("lily_deploy.base_model"), str(model_path))
+        return tok_cache["t"]
+
+    def needs_tokenizer(path) -> bool:
+        p = Path(path)
+        return p.is_file() and p.suffix.lower() != ".npz"
+
+    common = dict(specs=specs, seed=seed, batch_size=batch_size, max_length=max_length, text_column=text_column,
+                  label_column=label_column, cache_dir=cache_dir, progress=progress)
+    result = QuantizeResult(output, precision, adapter_precision, 0, method=calib_method if precision == "int8" else None)
+    calib_set = None
+    if precision == "int8":
+        calib_set = load_calibration(calib, size=calib_size, strict=strict, flag="--calib",
+                                     tokenizer=get_tokenizer() if needs_tokenizer(calib) else None, **common)
+        result.calib, result.calib_rows = Path(calib).name, len(calib_set)
+    if val is not None:
+        val_set = load_calibration(val, size=val_size, strict=False, flag="--val", warn_short=False,
+                                   tokenizer=get_tokenizer() if needs_tokenizer(val) else None, **common)
+        val_source = f"{len(val_set)} rows of {Path(val).name}"
+    else:
+        used = calib_set.rows if calib_set is not None else []
+        if calib_set is not None and len(used) >= calib_set.total_rows:
+            msg = (f"--calib {calib}: every row went to calibration, none is left for validation; "
+                   "give --val FILE for a held-out measure")
+            if strict:
+                raise LilyDeployError(f"{msg} (--strict)")
+            result.notes.append(msg + "; validated on the calibration rows")
+            val_set, val_source = calib_set, f"the {len(calib_set)} calibration rows of {Path(calib).name}"
+        else:
+            val_set = load_calibration(calib, size=val_size, strict=False, flag="--calib", exclude_rows=used,
+                                       warn_short=False, tokenizer=get_tokenizer() if needs_tokenizer(calib) else None,
+                                       **common)
+            kind = "held-out " if used else ""
+            val_source = f"{len(val_set)} {kind}rows of {Path(calib).name}"
+
+    inlined, sites = qdq.inline_functions(source)
+    result.adapter_layers = len(sites)
+    user = qdq.resolve_exclusions(inlined, exclude_nodes, exclude_op_types)
+    if precision == "int8":
+        plan = qdq.int8_plan(inlined, sites, adapter_precision, user)
+    else:
+        plan = qdq.fp16_plan(inlined, sites, adapter_precision, user, keep_sensitive=keep_sensitive)
+    result.kept_fp32 = plan.kept_fp32
+
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    try:
+        if precision == "int8":
+            raw = tmpdir / "quantized.onnx"
+            qdq.quantize_int8(inlined, calib_set.reader(), calib_method, plan, str(raw))
+            converted = _load_onnx(raw)
+            counts = qdq.count_quantized(converted)
+            result.int8_matmuls = len(counts["int8_matmuls"])
+            if not counts["int8_matmuls"]:
+                raise LilyDeployError("quantization produced no int8 MatMul/Gemm; check --exclude-nodes/--exclude-op-types")
+            raw.unlink()
+        else:
+            converted = qdq.convert_fp16(inlined, plan)
+        qdq.strip_custom_domain(converted)
+        info = {
+            "precision": precision,
+            "format": "QDQ" if precision == "int8" else "casts",
+            "adapter_precision": adapter_precision,
+            "adapter_layers": [{"node": s.hpmix, "layer": s.layer, "lp": s.lp, "router": s.router,
+                                "hp_matmuls": s.hp_matmuls} for s in sites],
+            "kept_fp32": {k: len(v) for k, v in plan.kept_fp32.items()},
+            "source_onnx_sha256": sha256_file(model_path),
+        }
+        if precision == "int8":
+            info.update({"activations": "int8 symmetric per-tensor", "weights": "int8 symmetric per-channel",
+                         "bias": "float", "calib_method": calib_method, "calib_data": str(Path(calib).name),
+                         "calib_rows": len(calib_set), "calib_seed": seed, "int8_matmuls": result.int8_matmuls})
+        new_meta = {**meta, "lily_deploy.precision": precision, "lily_deploy.quantization": info,
+                    "lily_deploy.excluded_nodes": plan.excluded()}
+        _set_metadata(converted, new_meta)
+        staged = tmpdir / output.name
+        _save(converted, staged)
+        result.validation = validate(model_path, staged, val_set, precision, _labels_from_meta(meta),
+                                     max_accuracy_drop, val_source, progress)
+        info["validation"] = result.validation.to_json()
+        _set_metadata(converted, {**new_meta, "lily_deploy.quantization": info})
+        _save(converted, staged)
+        if result.passed or keep_on_failure:
+            data_file = tmpdir / (output.name + ".data")
+            if data_file.exists():
+                os.replace(data_file, output.parent / data_file.name)
+            os.replace(staged, output)
+            result.written = True
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    result.seconds = time.perf_counter() - started
+    return result

@@ -1,0 +1,195 @@
+"""Report writers shared by ``parity`` and ``bench``: JSON, a Markdown table and a PNG plot.
+
+Every report is a plain dict with a ``schema_version`` (bumped only when a key is renamed or
+removed; new keys may appear) and a ``kind`` (``"parity"`` or ``"bench"``). ``write_reports``
+puts ``<kind>.json``, ``<kind>.md`` and ``<kind>.png`` into one folder, each written atomically.
+The PNG needs matplotlib (``pip install 'lily-deploy[plot]'``); without it the JSON and the
+Markdown are still written and the result says why the plot is missing.
+"""
+from __future__ import annotations
+
+import math
+import os
+import platform
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .errors import LilyDeployError
+from .fileio import atomic_file, write_json
+
+SCHEMA_VERSION = 1
+
+
+def environment() -> dict:
+    """Versions and hardware a report's numbers belong to."""
+    import importlib.metadata as md
+
+    env = {"python": platform.python_version(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+           "processor": _cpu_name()}
+    for pkg in ("lily-deploy", "torch", "onnxruntime", "onnx", "transformers", "peft"):
+        try:
+            env[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            env[pkg] = None
+    try:
+        import torch
+
+        env["cuda_gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:  # a broken CUDA install must not stop a report
+        env["cuda_gpu"] = None
+    return env
+
+
+def _cpu_name() -> Optional[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence], align: Optional[str] = None) -> str:
+    """A GitHub Markdown table; ``align`` is one letter per column (l/r), default numbers right."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    if align is None:
+        align = "".join("r" if rows and isinstance(rows[0][i], (int, float)) else "l" for i in range(len(headers)))
+    sep = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(lines)
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        return f"{v:.3g}" if abs(v) < 1e-2 and v != 0 else f"{v:.2f}"
+    return str(v).replace("|", "\\|")
+
+
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "") -> str:
+    """A fixed-width terminal table (all cells already strings)."""
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h))
+              for i, h in enumerate(headers)]
+    fmt = lambda row: indent + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(headers)] + [fmt(r) for r in rows])
+
+
+def write_markdown(path: str | os.PathLike, text: str, flag: str = "--report-dir") -> None:
+    with atomic_file(path, flag) as tmp:
+        tmp.write_text(text.rstrip() + "\n")
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | os.PathLike, flag: str = "--report-dir") -> None:
+    plt = _pyplot()
+    with atomic_file(path, flag) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_bench(report: dict, path: str | os.PathLike) -> Optional[str]:
+    """Latency (p50, log scale) vs batch size, one line per model and backend, one panel per sequence length."""
+    plt = _pyplot()
+    if plt is None:
+        return "matplotlib is not installed (pip install 'lily-deploy[plot]'): no plot written"
+    rows = report.get("results") or []
+    if not rows:
+        return "no measurements: no plot written"
+    seqs = sorted({r["seq_len"] for r in rows})
+    fig, axes = plt.subplots(1, len(seqs), figsize=(5.2 * len(seqs), 4.2), squeeze=False)
+    series = sorted({(r["model"], r["backend"]) for r in rows})
+    for ax, seq in zip(axes[0], seqs):
+        for model, backend in series:
+            pts = sorted((r["batch_size"], r["p50_ms"], r["p90_ms"]) for r in rows
+                         if r["model"] == model and r["backend"] == backend and r["seq_len"] == seq)
+            if not pts:
+                continue
+            xs, p50, p90 = zip(*pts)
+            line, = ax.plot(xs, p50, marker="o", label=f"{model} ({backend})")
+            ax.fill_between(xs, p50, p90, color=line.get_color(), alpha=0.12)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("latency p50 (ms), band to p90")
+        ax.set_title(f"sequence {seq}" if seq else "inputs")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="upper left")
+    s = report.get("settings", {})
+    fig.suptitle(f"lily-deploy bench: {s.get('threads')} threads, {s.get('iters')} interleaved iterations", fontsize=10)
+    save_figure(fig, path)
+    return None
+
+
+def plot_parity(report: dict, path: str | os.PathLike) -> Optional[str]:
+    """Task metric per candidate (by precision) against the reference, with top-1 agreement beside it."""
+    plt = _pyplot()
+    if plt is None:
+        return "matplotlib is not installed (pip install 'lily-deploy[plot]'): no plot written"
+    cands = [c for c in report.get("candidates", []) if c.get("status") != "SKIPPED" and c.get("batches")]
+    if not cands:
+        return "no candidate ran: no plot written"
+    metric = report.get("metric", "metric")
+    names = [f"{c['name']}\n{c['precision']}, {c['routing']}" for c in cands]
+    worst = [min(b["metric"] for b in c["batches"]) for c in cands]
+    agree = [min(b["agreement"] for b in c["batches"]) for c in cands]
+    ref = min(b["reference_metric"] for c in cands for b in c["batches"])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(7.0, 2.0 * len(cands) + 3), 4.2))
+    colors = ["#2a9d8f" if c["status"] == "PASSED" else "#e76f51" for c in cands]
+    ax1.bar(range(len(cands)), worst, color=colors)
+    ax1.axhline(ref, color="black", linestyle="--", linewidth=1, label=f"torch reference {ref:.2f}")
+    lo = min(worst + [ref])
+    ax1.set_ylim(max(0.0, lo - max(2.0, 0.1 * (100 - lo))), min(100.0, max(worst + [ref]) + 1.0))
+    for i, (v, c) in enumerate(zip(worst, cands)):
+        delta = min(b["metric_delta"] for b in c["batches"])
+        ax1.text(i, v, f"{v:.2f}\n({delta:+.2f})", ha="center", va="bottom", fontsize=8)
+    ax1.set_xticks(range(len(cands)), names, fontsize=8)
+    ax1.set_ylabel(f"{metric} (%) worst over batch sizes")
+    ax1.legend(fontsize=8, loc="lower right")
+    ax2.bar(range(len(cands)), agree, color=colors)
+    ax2.set_ylim(max(0.0, min(agree) - 3.0), 100.5)
+    for i, v in enumerate(agree):
+        ax2.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+    ax2.set_xticks(range(len(cands)), names, fontsize=8)
+    ax2.set_ylabel("top-1 agreement with torch (%)")
+    fig.suptitle(f"lily-deploy parity: {report.get('summary', '')}", fontsize=10)
+    save_figure(fig, path)
+    return None
+
+
+PLOTTERS = {"parity": plot_parity, "bench": plot_bench}
+
+
+def write_reports(report: dict, markdown: str, folder: str | os.PathLike, flag: str = "--report-dir") -> dict:
+    """``<kind>.json``, ``<kind>.md`` and ``<kind>.png`` in ``folder`` (made if missing); returns the paths."""
+    kind = report["kind"]
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise LilyDeployError(f"{flag} {folder}: exists and is not a folder")
+    if not folder.exists():
+        parent = folder.parent if str(folder.parent) else Path(".")
+        if not parent.is_dir():
+            raise LilyDeployError(f"{flag} {folder}: folder {parent} does not exist")
+        folder.mkdir()
+    paths = {"json": folder / f"{kind}.json", "markdown": folder / f"{kind}.md", "png": folder / f"{kind}.png"}
+    write_json(paths["json"], report, flag)
+    write_markdown(paths["markdown"], markdown, flag)
+    why = PLOTTERS[kind](report, paths["png"])
+    if why is not None:
+        paths["png"] = None
+        paths["png_note"] = why
+    return paths
