@@ -173,21 +173,29 @@ def function_body(mode: str, masked: bool, opset: int, rank: int, num_hp: int):
         return node("Constant", [], [name], value=helper.make_tensor(name, onnx.TensorProto.INT64, [len(values)], values))
 
     inputs = ["h", "router_logits", "hp"] + (["mask"] if masked else [])
+    # s * h @ B~(p) == h @ B~(s * p): scaling the few mixing weights, not the [..., d] output
+    scale_node = helper.make_node("Constant", [], ["scale_f"])
+    scale_node.attribute.append(helper.make_attribute_ref("value_float", onnx.AttributeProto.FLOAT))
+    scale_node.attribute[0].ref_attr_name = "scale"
+    nodes.append(scale_node)
     probs = node("Softmax", ["router_logits"], ["probs"], axis=-1)  # [..., E]
+    scale_t = node("CastLike", ["scale_f", probs], ["scale_t"])
     if mode == "token":
         # sum_e P_e (h @ HP_e) == (P (x) h) @ HP: one matmul on the stacked pool
-        p4 = node("Unsqueeze", [probs, ints("minus1", [-1])], ["probs_u"])  # [..., E, 1]
+        scaled = node("Mul", [probs, scale_t], ["probs_scaled"])
+        p4 = node("Unsqueeze", [scaled, ints("minus1", [-1])], ["probs_u"])  # [..., E, 1]
         h4 = node("Unsqueeze", ["h", ints("minus2", [-2])], ["h_u"])  # [..., 1, r]
         z = node("Mul", [p4, h4], ["z"])  # [..., E, r]
         lead = node("Shape", ["h"], ["lead"], end=-1)
         zshape = node("Concat", [lead, ints("er", [num_hp * rank])], ["zshape"], axis=0)
         zflat = node("Reshape", [z, zshape], ["zflat"])  # [..., E*r]
-        mixed = node("MatMul", [zflat, "hp"], ["mixed"])  # [..., d]
+        node("MatMul", [zflat, "hp"], ["y"])  # [..., d]
     else:
         pool = node("Reshape", ["hp", ints("pool_shape", [num_hp, -1])], ["pool"])  # [E, r*d]
         if mode == "batch":
             flat = node("Reshape", [probs, ints("flat_shape", [-1, num_hp])], ["probs_flat"])  # [N, E]
             p = node("ReduceMean", [flat, ints("axis0", [0])], ["p"], keepdims=1)  # [1, E]
+            p = node("Mul", [p, scale_t], ["p_scaled"])
             b_flat = node("MatMul", [p, pool], ["b_flat"])  # [1, r*d]
             b_mix = node("Reshape", [b_flat, ints("b_shape", [rank, -1])], ["b_mix"])  # [r, d]
         elif mode == "sample":
@@ -202,17 +210,12 @@ def function_body(mode: str, masked: bool, opset: int, rank: int, num_hp: int):
                 p = node("Div", [num, node("Max", [den, one], ["den_safe"])], ["p"])  # [B, E]
             else:
                 p = node("ReduceMean", [probs, axis1], ["p"], keepdims=0)  # [B, E]
+            p = node("Mul", [p, scale_t], ["p_scaled"])
             b_flat = node("MatMul", [p, pool], ["b_flat"])  # [B, r*d]
             b_mix = node("Reshape", [b_flat, ints("b_shape", [0, rank, -1])], ["b_mix"])  # [B, r, d]
         else:
             raise ValueError(f"no ONNX body for routing mode {mode!r}")
-        mixed = node("MatMul", ["h", b_mix], ["mixed"])  # [..., d]
-    scale_node = helper.make_node("Constant", [], ["scale_f"])
-    scale_node.attribute.append(helper.make_attribute_ref("value_float", onnx.AttributeProto.FLOAT))
-    scale_node.attribute[0].ref_attr_name = "scale"
-    nodes.append(scale_node)
-    scale_t = node("CastLike", ["scale_f", mixed], ["scale_t"])
-    node("Mul", [mixed, scale_t], ["y"])
+        node("MatMul", ["h", b_mix], ["y"])  # [..., d]
     return helper.make_function(
         DOMAIN, OP_TYPE, inputs, ["y"], nodes,
         opset_imports=[helper.make_opsetid("", opset)],

@@ -1,0 +1,150 @@
+"""onnxruntime latency of base MiniLM vs MiniLM+Lily exported naively, through ``lily-deploy export``
+(sample routing, lily::HPMix), and folded -- in one interleaved run, medians and ratios to the base.
+
+    python benchmarks/export_latency.py                # r 32, E 4, LP stride 2 on query,value
+    python benchmarks/export_latency.py --adapter DIR  # your own MiniLM adapter
+
+The Lily adapter is random but non-zero (as after training): latency does not depend on the values.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+warnings.filterwarnings("ignore")
+
+
+def make_adapter(out: Path, rank: int, num_hp: int, stride: int) -> Path:
+    import torch
+    from peft import LilyConfig, get_peft_model
+
+    from lily_deploy.models import load_base
+
+    torch.manual_seed(0)
+    base = load_base("minilm", num_labels=2)
+    cfg = LilyConfig(r=rank, num_B=num_hp, stride_A=stride, scaling=1.0, target_modules=["query", "value"],
+                     modules_to_save=["classifier"], task_type="SEQ_CLS", init_weights=False)
+    get_peft_model(base.model, cfg).save_pretrained(str(out))
+    return out
+
+
+def export_naive(adapter: Path, out: Path) -> Path:
+    """The PEFT forward traced as is (Einsum and all), the way a user would export without lily-deploy."""
+    import onnx
+    import torch
+
+    from lily_deploy.adapters import load_adapter
+
+    peft_model, base, _ = load_adapter(adapter)
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
+
+    ids = torch.randint(100, 1000, (2, 16))
+    args = (ids, torch.ones_like(ids), torch.zeros_like(ids))
+    b, s = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    prog = torch.onnx.export(Wrapper(peft_model).eval(), args, dynamo=True, input_names=["input_ids", "attention_mask",
+                             "token_type_ids"], output_names=["logits"],
+                             dynamic_shapes=({0: b, 1: s}, {0: b, 1: s}, {0: b, 1: s}), verbose=False)
+    onnx.save_model(prog.model_proto, str(out))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--adapter", type=Path, default=None)
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--num-hp", type=int, default=4)
+    ap.add_argument("--stride", type=int, default=2)
+    ap.add_argument("--batch-sizes", default="1,8")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=40, help="timed runs per model at batch 1 (fewer at larger batches)")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--workdir", type=Path, default=None)
+    args = ap.parse_args()
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from lily_deploy.export import export_onnx
+    from lily_deploy.fold import fold
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="lily-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    adapter = args.adapter or make_adapter(work / "adapter", args.rank, args.num_hp, args.stride)
+    print(f"building graphs in {work} ...", file=sys.stderr)
+    paths = {
+        "base": work / "base.onnx",
+        "lily naive (PEFT as is)": work / "naive.onnx",
+        "lily-deploy (sample, HPMix)": work / "lily.onnx",
+        "lily-deploy folded": work / "folded.onnx",
+    }
+    export_onnx("minilm", paths["base"], validate=False)
+    export_naive(adapter, paths["lily naive (PEFT as is)"])
+    export_onnx(adapter, paths["lily-deploy (sample, HPMix)"], routing="sample")
+    fold(adapter, work / "folded_ckpt", strategy="all", random_inputs=True, size=8, progress=False)
+    export_onnx(work / "folded_ckpt", paths["lily-deploy folded"])
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = args.threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    sessions = {k: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for k, p in paths.items()}
+    rng = np.random.default_rng(0)
+    results = {}
+    for bs in [int(b) for b in args.batch_sizes.split(",")]:
+        ids = rng.integers(1000, 20000, (bs, args.seq_len)).astype(np.int64)
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+        for s in sessions.values():
+            for _ in range(args.warmup):
+                s.run(None, feeds)
+        times = {k: [] for k in sessions}
+        iters = max(10, args.iters // max(1, bs // 2))
+        order = list(sessions)
+        for i in range(iters):
+            for k in order[i % len(order):] + order[:i % len(order)]:  # rotate who goes first
+                t = time.perf_counter()
+                sessions[k].run(None, feeds)
+                times[k].append(time.perf_counter() - t)
+        med = {k: 1000 * statistics.median(v) for k, v in times.items()}
+        results[bs] = {k: {"median_ms": med[k], "ratio_to_base": med[k] / med["base"]} for k in med}
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    print(f"\nonnxruntime {ort.__version__}, {args.threads} threads, sequence {args.seq_len}, CPU: {cpu}")
+    print(f"Lily r {args.rank}, E {args.num_hp}, LP stride {args.stride} on query,value"
+          + (f" (adapter {args.adapter})" if args.adapter else " (random non-zero adapter)"))
+    header = f"| {'model':<30} |" + "".join(f" batch {bs} ms | ratio |" for bs in results)
+    print(header)
+    print("|" + "-" * 32 + "|" + "------------|-------|" * len(results))
+    for k in paths:
+        row = f"| {k:<30} |"
+        for bs in results:
+            row += f" {results[bs][k]['median_ms']:10.2f} | {results[bs][k]['ratio_to_base']:5.3f} |"
+        print(row)
+    if args.json:
+        args.json.write_text(json.dumps({"results": results, "threads": args.threads, "cpu": cpu,
+                                         "seq_len": args.seq_len}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
