@@ -350,9 +350,25 @@ def _static(dim) -> Optional[int]:
     return int(dim) if isinstance(dim, int) and dim > 0 else None
 
 
-def open_onnx(path: Path, flag: str = "--candidate") -> Candidate:
-    import onnx
+def ort_session(path: Path, threads: Optional[int] = None, providers: Sequence[str] = ("CPUExecutionProvider",),
+                flag: str = "--candidate"):
+    """An onnxruntime session whose idle threads sleep (so they do not steal the CPU from torch)."""
     import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(path), so, providers=list(providers))
+    except Exception as exc:  # onnxruntime's errors: unknown op, bad graph, missing .data
+        raise LilyDeployError(f"{flag} {path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:300]})") from None
+
+
+def open_onnx(path: Path, flag: str = "--candidate", threads: Optional[int] = None) -> Candidate:
+    import onnx
 
     try:
         model = onnx.load(str(path), load_external_data=False)
@@ -360,12 +376,7 @@ def open_onnx(path: Path, flag: str = "--candidate") -> Candidate:
         raise LilyDeployError(f"{flag} {path}: not a readable ONNX file ({str(exc).splitlines()[0][:200]})") from None
     meta = {p.key: p.value for p in model.metadata_props}
     precision, why = detect_precision(model)
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime's errors: unknown op, bad graph, missing .data
-        raise LilyDeployError(f"{flag} {path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:300]})") from None
+    session = ort_session(path, threads, flag=flag)
     inputs = {i.name: _NP_TYPES.get(i.type) for i in session.get_inputs()}
     outs = session.get_outputs()
     first = session.get_inputs()[0]
@@ -404,45 +415,42 @@ def open_engine(path: Path) -> Candidate:
                   static_classes=classes, meta={"build_report": str(report_file) if report else None})
     if not report:
         c.notes.append(f"no build report {report_file.name}: inputs and outputs are checked when it runs")
-    c.skip = _engine_skip_reason()
+    c.skip = _engine_skip_reason(report)
     if c.skip is None:
         c.runner = _engine_runner(path, c)
     return c
 
 
-def _engine_skip_reason() -> Optional[str]:
+def _engine_skip_reason(report: dict) -> Optional[str]:
+    """Why an engine cannot run here (no GPU, no runner, its TensorRT not installed), or None."""
+    import importlib.util
+
     try:
         has_gpu = torch.cuda.is_available()
     except Exception:
         has_gpu = False
     if not has_gpu:
         return "no CUDA GPU here: a TensorRT engine runs only on a GPU (run parity on the GPU machine)"
-    import importlib.util
-
     if importlib.util.find_spec("lily_deploy.trt_runner") is None:
         return "lily_deploy.trt_runner is not installed: engines cannot be run"
+    module = (report.get("backend") or {}).get("module")
+    if module and importlib.util.find_spec(module) is None:
+        return f"the engine was built with {module}, which is not installed here"
     return None
 
 
 def _engine_runner(path: Path, cand: Candidate):
     """Run an engine through ``lily_deploy.trt_runner`` (loaded lazily: TensorRT is optional)."""
-    from . import trt_runner  # noqa: F401  (checked by _engine_skip_reason)
+    from .trt_runner import load_runner
 
-    load = getattr(trt_runner, "load_engine", None) or getattr(trt_runner, "TrtRunner", None)
-    if load is None:
-        cand.skip = "lily_deploy.trt_runner offers no load_engine/TrtRunner: engines cannot be run"
-        return None
-    engine = load(str(path))
-    if not cand.inputs and hasattr(engine, "input_names"):
-        cand.inputs = {n: None for n in engine.input_names}
-    if not cand.outputs and hasattr(engine, "output_names"):
-        cand.outputs = list(engine.output_names)
+    engine = load_runner(path)
+    cand.inputs = cand.inputs or {n: None for n in engine.input_names}
+    cand.outputs = cand.outputs or list(engine.output_names)
+    names = list(engine.input_names)
 
     def runner(feeds):
-        res = engine.run({n: v.numpy().astype(cand.inputs.get(n) or np.int64, copy=False)
-                          for n, v in feeds.items()})
-        return {k: (v.detach().float().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
-                for k, v in res.items()}
+        return {k: np.asarray(v, dtype=np.float32) for k, v in
+                engine.infer({n: feeds[n].numpy() for n in names if n in feeds}).items()}
 
     return runner
 
@@ -468,7 +476,7 @@ def open_torch_candidate(path: Path, base: Optional[str]) -> Candidate:
     return c
 
 
-def open_candidate(spec: str | Path, base: Optional[str] = None) -> Candidate:
+def open_candidate(spec: str | Path, base: Optional[str] = None, threads: Optional[int] = None) -> Candidate:
     """An ONNX file, an engine file, or a model folder (adapter / checkpoint, run in torch)."""
     path = Path(str(spec))
     if not path.exists():
@@ -477,7 +485,7 @@ def open_candidate(spec: str | Path, base: Optional[str] = None) -> Candidate:
         return open_torch_candidate(path, base)
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        return open_onnx(path)
+        return open_onnx(path, threads=threads)
     if suffix in ENGINE_SUFFIXES:
         return open_engine(path)
     raise LilyDeployError(f"--candidate {path}: not an .onnx file, an engine ({', '.join(ENGINE_SUFFIXES)}) "
@@ -657,9 +665,10 @@ class ParityReport:
                              c.status if k == 0 else ""])
         return rows
 
-    def headers(self) -> list[str]:
-        return ["candidate", "precision", "routing", "batch", self.metric, "delta", "agree", "max|d|",
-                "mean|d|", "p99|d|", "cos min", "status"]
+    def headers(self, markdown: bool = False) -> list[str]:
+        diff = ["max abs diff", "mean abs diff", "p99 abs diff"] if markdown else ["max|d|", "mean|d|", "p99|d|"]
+        return ["candidate", "precision", "routing", "batch", self.metric, "delta", "agree", *diff, "cos min",
+                "status"]
 
     def table(self) -> str:
         from .report import text_table
@@ -694,11 +703,12 @@ class ParityReport:
                f"- data: `{self.data['source']}`, {self.data['rows']} rows, "
                f"{'labelled' if self.data['labelled'] else 'no labels'}; metric **{self.metric}**",
                f"- {self.summary()} in {self.seconds:.1f} s", "",
-               markdown_table(self.headers(), self._rows(markdown=True), align="lllrrrrrrrrl"), "",
+               markdown_table(self.headers(markdown=True), self._rows(markdown=True), align="lllrrrrrrrrl"), "",
                "| candidate | batch invariance (alone vs one padded batch) |", "| --- | --- |"]
         for c in self.candidates:
-            out.append(f"| {c.name} | {_invariance_text(c.invariance) if c.invariance else c.reason or '-'} |")
-        fails = [(c.name, ch.detail) for c in self.candidates for ch in c.failures]
+            text = _invariance_text(c.invariance) if c.invariance else c.reason or "-"
+            out.append(f"| {c.name} | {text.replace('|d|', 'abs diff').replace('|', '/')} |")
+        fails = [(c.name, ch.detail.replace("|d|", "abs diff")) for c in self.candidates for ch in c.failures]
         if fails:
             out += ["", "## Failures", ""] + [f"- {n}: {d}" for n, d in fails]
         return "\n".join(out) + "\n"
@@ -842,7 +852,7 @@ def _judge(res: CandidateResult, tol: Tolerance, metric: str) -> None:
         drop = max(-b.metric_delta for b in res.batches)
         ok = drop <= tol.max_metric_drop + 1e-9
         res.checks.append(Check(f"{metric} drop", drop, tol.max_metric_drop, ok,
-                                f"{metric} drop {max(drop, 0.0):.2f} points {'<=' if ok else '>'} "
+                                f"{metric} drop {max(drop, 0.0) + 0.0:.2f} points {'<=' if ok else '>'} "
                                 f"{tol.max_metric_drop:g}"))
     inv = res.invariance
     if inv is not None and inv.max_abs is not None:
@@ -888,14 +898,32 @@ def run_parity(
     num_generated: int = 64,
     invariance_samples: int = 8,
     seed: int = 0,
+    threads: Optional[int] = None,
     progress: bool = True,
 ) -> ParityReport:
     """Run the reference and every candidate on the same inputs and judge each candidate.
 
     ``routing`` is the reference's routing for candidates whose metadata records none (default
     ``sample``); a candidate whose recorded routing differs from an explicit ``routing`` is an error.
+    ``threads`` sets torch's and onnxruntime's thread count for the run (default: theirs).
     Bad input raises :class:`LilyDeployError`; a failed comparison is a FAILED result, not an error.
     """
+    if threads is not None and threads < 1:
+        raise LilyDeployError(f"--threads {threads}: must be >= 1")
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        return _run_parity(reference, candidates, data, metric, tolerances, batch_sizes, routing, limit, max_length,
+                           text_column, label_column, base, num_generated, invariance_samples, seed, threads,
+                           progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_parity(reference, candidates, data, metric, tolerances, batch_sizes, routing, limit, max_length,
+                text_column, label_column, base, num_generated, invariance_samples, seed, threads,
+                progress) -> ParityReport:
     from tqdm.auto import tqdm
 
     from converters.hpmix import DYNAMIC_MODES
@@ -933,7 +961,7 @@ def run_parity(
         raise LilyDeployError(f"--metric {metric} needs labels, but --data {data} has no label column "
                               "(looked for label, labels, class, target; name it with --label-column, "
                               "or use --metric agreement)")
-    cands = [open_candidate(spec, base=base) for spec in candidates]
+    cands = [open_candidate(spec, base=base, threads=threads) for spec in candidates]
     for c in cands:
         check_compatible(c, ref_model, ["logits"])
     ref = _Reference(ref_model, samples)

@@ -103,34 +103,55 @@ def save_figure(fig, path: str | os.PathLike, flag: str = "--report-dir") -> Non
 
 
 def plot_bench(report: dict, path: str | os.PathLike) -> Optional[str]:
-    """Latency (p50, log scale) vs batch size, one line per model and backend, one panel per sequence length."""
+    """Latency (p50, band to p90) vs batch size, one line per model (colour) and backend (dash), one
+    column per sequence length; below it, each model's latency ratio to the base when a base was given."""
     plt = _pyplot()
     if plt is None:
         return "matplotlib is not installed (pip install 'lily-deploy[plot]'): no plot written"
     rows = report.get("results") or []
     if not rows:
         return "no measurements: no plot written"
-    seqs = sorted({r["seq_len"] for r in rows})
-    fig, axes = plt.subplots(1, len(seqs), figsize=(5.2 * len(seqs), 4.2), squeeze=False)
-    series = sorted({(r["model"], r["backend"]) for r in rows})
-    for ax, seq in zip(axes[0], seqs):
-        for model, backend in series:
-            pts = sorted((r["batch_size"], r["p50_ms"], r["p90_ms"]) for r in rows
-                         if r["model"] == model and r["backend"] == backend and r["seq_len"] == seq)
-            if not pts:
-                continue
-            xs, p50, p90 = zip(*pts)
-            line, = ax.plot(xs, p50, marker="o", label=f"{model} ({backend})")
-            ax.fill_between(xs, p50, p90, color=line.get_color(), alpha=0.12)
-        ax.set_xscale("log", base=2)
+    seqs = sorted({r["seq_len"] or 0 for r in rows})
+    has_ratio = any(r.get("overhead_vs_base") for r in rows)
+    nrows = 2 if has_ratio else 1
+    fig, axes = plt.subplots(nrows, len(seqs), figsize=(5.2 * len(seqs), 3.8 * nrows), squeeze=False)
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    dashes = ["-", "--", ":", "-."]
+    batch_sizes = sorted({r["batch_size"] for r in rows})
+    for col, seq in enumerate(seqs):
+        ax = axes[0][col]
+        rax = axes[1][col] if has_ratio else None
+        for mi, model in enumerate(models):
+            for bi, backend in enumerate(backends):
+                pts = sorted((r["batch_size"], r["p50_ms"], r["p90_ms"], r.get("overhead_vs_base")) for r in rows
+                             if r["model"] == model and r["backend"] == backend and (r["seq_len"] or 0) == seq)
+                if not pts:
+                    continue
+                xs, p50, p90, ratio = zip(*pts)
+                style = dict(color=colors[mi % len(colors)], linestyle=dashes[bi % len(dashes)], marker="o")
+                ax.plot(xs, p50, label=f"{model} ({backend})", **style)
+                ax.fill_between(xs, p50, p90, color=style["color"], alpha=0.12)
+                if rax is not None and any(v is not None for v in ratio):
+                    rax.plot([x for x, v in zip(xs, ratio) if v is not None], [v for v in ratio if v is not None],
+                             label=f"{model} ({backend})", **style)
+        for a in [ax] + ([rax] if rax is not None else []):
+            a.set_xscale("log", base=2)
+            a.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
+            a.set_xlabel("batch size")
+            a.grid(True, which="both", alpha=0.3)
         ax.set_yscale("log")
-        ax.set_xlabel("batch size")
         ax.set_ylabel("latency p50 (ms), band to p90")
         ax.set_title(f"sequence {seq}" if seq else "inputs")
-        ax.grid(True, which="both", alpha=0.3)
+        if rax is not None:
+            rax.axhline(1.0, color="black", linewidth=0.8)
+            rax.set_ylabel("p50 / p50 of base (same backend)")
     axes[0][-1].legend(fontsize=8, loc="upper left")
     s = report.get("settings", {})
-    fig.suptitle(f"lily-deploy bench: {s.get('threads')} threads, {s.get('iters')} interleaved iterations", fontsize=10)
+    fig.suptitle(f"lily-deploy bench: {s.get('threads')} threads, {s.get('iters')} interleaved iterations",
+                 fontsize=10)
+    fig.tight_layout()
     save_figure(fig, path)
     return None
 

@@ -41,6 +41,7 @@ def _tolerances(ctx, param, values):
 @click.option("--num-generated", default=64, show_default=True, help="Generated samples when no --data.")
 @click.option("--invariance-samples", default=8, show_default=True,
               help="Samples of mixed lengths checked alone vs in one padded batch.")
+@click.option("--threads", type=int, default=None, help="torch and onnxruntime threads (default: theirs).")
 @click.option("--report-dir", type=click.Path(file_okay=False), default=None,
               help="Write parity.json, parity.md and parity.png here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the table.")
@@ -48,8 +49,8 @@ def _tolerances(ctx, param, values):
 @base_option
 @click.pass_context
 def command(ctx, reference, candidates, data, metric, atol, atol_stat, min_agreement, max_metric_drop,
-            invariance_atol, batch_sizes, routing, limit, max_length, num_generated, invariance_samples, report_dir,
-            as_json, text_column, label_column, base):
+            invariance_atol, batch_sizes, routing, limit, max_length, num_generated, invariance_samples, threads,
+            report_dir, as_json, text_column, label_column, base):
     """Check that every candidate matches the torch reference on the same inputs.
 
     \b
@@ -66,7 +67,8 @@ def command(ctx, reference, candidates, data, metric, atol, atol_stat, min_agree
     report = run_parity(reference, candidates, data=data, metric=metric, tolerances=tolerances,
                         batch_sizes=batch_sizes, routing=routing, limit=limit, max_length=max_length,
                         text_column=text_column, label_column=label_column, base=base,
-                        num_generated=num_generated, invariance_samples=invariance_samples)
+                        num_generated=num_generated, invariance_samples=invariance_samples,
+                        threads=threads)
     data_json = report.to_json()
     if report_dir is not None:
         from lily_deploy.report import write_reports
