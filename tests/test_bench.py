@@ -1,0 +1,114 @@
+"""``bench``: interleaved latency across torch and onnxruntime, base ratios, reports, bad input."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+
+from lily_deploy.bench import parse_model, run_bench
+from lily_deploy.cli import cli
+from lily_deploy.errors import LilyDeployError
+
+FAST = dict(batch_sizes=(1, 2), seq_lens=(8, 16), warmup=1, iters=4, threads=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def lily_onnx(tiny_roberta_adapter, tmp_path_factory):
+    from lily_deploy.export import export_onnx
+
+    path = tmp_path_factory.mktemp("bench") / "lily.onnx"
+    export_onnx(tiny_roberta_adapter, path, routing="sample")
+    return path
+
+
+def _fixed_onnx(path, batch=1, seq=8):
+    """A hand-made graph with fixed input shapes [batch, seq] (what a static export looks like)."""
+    emb = helper.make_tensor("emb", TensorProto.FLOAT, [30522, 2],
+                             np.random.default_rng(0).standard_normal((30522, 2)).astype(np.float32).ravel())
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [1])
+    nodes = [helper.make_node("Gather", ["emb", "input_ids"], ["g"]),
+             helper.make_node("ReduceMean", ["g", "axes"], ["logits"], keepdims=0)]
+    graph = helper.make_graph(nodes, "fixed", [helper.make_tensor_value_info("input_ids", TensorProto.INT64,
+                                                                              [batch, seq])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 2])], [emb, axes])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    model.ir_version = 10
+    onnx.save(model, str(path))
+    return path
+
+
+def test_interleaved_run_with_base_ratios(tiny_roberta_dir, tiny_roberta_adapter, lily_onnx):
+    report = run_bench([f"lily={tiny_roberta_adapter}", f"lily={lily_onnx}"], base=[f"base={tiny_roberta_dir}"],
+                       **FAST)
+    pairs = {(r.model, r.backend) for r in report.results}
+    assert pairs == {("base", "torch"), ("lily", "torch"), ("lily", "onnxruntime")}
+    assert len(report.results) == 3 * 4  # every runner at every batch size and sequence length
+    for r in report.results:
+        assert r.iters == 4
+        assert 0 < r.min_ms <= r.p50_ms <= r.p90_ms <= r.p99_ms
+        assert r.throughput == pytest.approx(r.batch_size * 1000.0 / r.p50_ms)
+        assert r.load_mib is not None
+    lily_torch = [r for r in report.results if (r.model, r.backend) == ("lily", "torch")]
+    base_torch = {(r.batch_size, r.seq_len): r for r in report.results if r.model == "base"}
+    for r in lily_torch:
+        assert r.base == "base"
+        assert r.overhead_vs_base == pytest.approx(r.p50_ms / base_torch[r.batch_size, r.seq_len].p50_ms, rel=1e-3)
+    # no onnxruntime base was given: those rows carry no ratio rather than a cross-backend one
+    assert all(r.overhead_vs_base is None for r in report.results if r.backend == "onnxruntime")
+    assert report.settings["threads"] == 1 and report.settings["seq_lens"] == [8, 16]
+    assert "lily" in report.table() and "x base" in report.markdown()
+
+
+def test_cli_reports_and_fixed_shapes(lily_onnx, tmp_path):
+    fixed = _fixed_onnx(tmp_path / "fixed.onnx", batch=1, seq=8)
+    result = CliRunner().invoke(cli, ["bench", str(lily_onnx), str(fixed), "--batch-sizes", "1,2", "--seq-lens",
+                                      "8", "--warmup", "0", "--iters", "3", "--threads", "1", "--base", "fixed",
+                                      "--report-dir", str(tmp_path / "rep"), "--markdown"])
+    assert result.exit_code == 0, result.output
+    assert "| model | backend | batch | seq |" in result.output
+    data = json.loads((tmp_path / "rep" / "bench.json").read_text())
+    assert data["schema_version"] == 1 and data["kind"] == "bench"
+    rows = {(r["model"], r["batch_size"]) for r in data["results"]}
+    assert rows == {("lily", 1), ("lily", 2), ("fixed", 1)}
+    skipped = [s for s in data["skipped"] if s["model"] == "fixed"]
+    assert skipped and skipped[0]["batch_size"] == 2 and "fixed batch of 1" in skipped[0]["reason"]
+    lily1 = next(r for r in data["results"] if r["model"] == "lily" and r["batch_size"] == 1)
+    assert lily1["base"] == "fixed" and lily1["overhead_vs_base"] > 0
+    assert (tmp_path / "rep" / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "rep" / "bench.md").read_text().count("\n|") >= 3
+
+
+def test_engine_without_gpu_is_skipped(lily_onnx, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the engine would run")
+    plan = tmp_path / "lily.plan"
+    plan.write_bytes(b"engine")
+    report = run_bench([str(lily_onnx), str(plan)], **{**FAST, "batch_sizes": (1,), "seq_lens": (8,)})
+    assert {r.model for r in report.results} == {"lily"}
+    assert report.skipped == [{"model": "lily", "backend": "tensorrt", "reason": "no CUDA GPU here"}]
+    assert "skipped: lily (tensorrt): no CUDA GPU here" in report.table()
+
+
+def test_bad_input(lily_onnx, tmp_path):
+    run = lambda *a: CliRunner().invoke(cli, ["bench", *map(str, a)])  # noqa: E731
+    r = run()
+    assert r.exit_code == 1 and "error: no MODEL given" in r.output and "Traceback" not in r.output
+    r = run(tmp_path / "missing.onnx")
+    assert r.exit_code == 1 and f"error: model {tmp_path / 'missing.onnx'}: file does not exist" in r.output
+    r = run(lily_onnx, "--backends", "torch,cuda-magic")
+    assert r.exit_code == 2 and "cuda-magic" in r.output
+    r = run(lily_onnx, "--backends", "torch")
+    assert r.exit_code == 1 and "nothing to measure" in r.output
+    r = run(lily_onnx, "--iters", "0", "--threads", "1")
+    assert r.exit_code == 1 and "--iters 0: must be >= 1" in r.output
+    r = run(lily_onnx, "--seq-lens", "0")
+    assert r.exit_code == 2
+    with pytest.raises(LilyDeployError, match="expected PATH or LABEL=PATH"):
+        parse_model("=x.onnx")
+    with pytest.raises(LilyDeployError, match="names two models of the same kind"):
+        run_bench([f"a={lily_onnx}", f"a={lily_onnx}"], **FAST)
