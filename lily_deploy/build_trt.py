@@ -162,6 +162,17 @@ def parse_compute_capability(text: str, backend: Backend) -> str:
     return name
 
 
+def rtx_targets(backend: Backend) -> list[str]:
+    """The compute capabilities a TensorRT-RTX build can target (``sm75``, ..., ``sm121``)."""
+    return sorted((n.lower() for n in dir(backend.trt.ComputeCapability) if re.fullmatch(r"SM\d+", n)),
+                  key=lambda s: int(s[2:]))
+
+
+def rtx_supports(backend: Backend, cc: str) -> bool:
+    """Whether TensorRT-RTX can build for and run on compute capability ``cc`` (e.g. ``sm90``: no)."""
+    return cc.lower() in rtx_targets(backend)
+
+
 def parse_shape_spec(text: str, flag: str) -> dict[str, tuple[int, ...]]:
     """trtexec's ``name:1x128,other:1x128`` -> ``{name: (1, 128), ...}`` (names may hold ':')."""
     out: dict[str, tuple[int, ...]] = {}
@@ -657,13 +668,22 @@ def build_engine(
     targets: list[str] = []
     if be.rtx:
         targets = [parse_compute_capability(c, be) for c in compute_capabilities]
+        here_ok = gpu is not None and rtx_supports(be, gpu["compute_capability"])
         if not targets:
-            targets = ["CURRENT"] if gpu else [parse_compute_capability(DEFAULT_RTX_TARGET, be)]
-            if not gpu:
+            targets = ["CURRENT"] if here_ok else [parse_compute_capability(DEFAULT_RTX_TARGET, be)]
+            if gpu is None:
                 notes.append(f"no GPU here: built ahead of time for {DEFAULT_RTX_TARGET} "
                              "(name targets with --compute-capability)")
-        if "CURRENT" in targets and not gpu:
+            elif not here_ok:
+                notes.append(f"this GPU ({gpu['name']}, {gpu['compute_capability']}) is not a {be.pretty} target: "
+                             f"built ahead of time for {DEFAULT_RTX_TARGET} (name targets with --compute-capability)")
+        if "CURRENT" in targets and gpu is None:
             raise LilyDeployError("--compute-capability current: no GPU is visible here; name a target such as sm89")
+        if "CURRENT" in targets and not here_ok:
+            raise LilyDeployError(
+                f"--compute-capability current: this GPU ({gpu['name']}, {gpu['compute_capability']}) is not a "
+                f"{be.pretty} target ({', '.join(rtx_targets(be))}): its engines cannot run here; use standard "
+                f"TensorRT on this GPU ({INSTALL['tensorrt']}) or name another GPU's target")
         targets = list(dict.fromkeys(targets))
     elif compute_capabilities:
         raise LilyDeployError(f"--compute-capability is for TensorRT-RTX ahead-of-time builds; {be.pretty} "

@@ -15,7 +15,8 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from .build_trt import PRETTY, Backend, _make_logger, cuda_available, load_backend, read_report
+from .build_trt import (INSTALL, PRETTY, Backend, _make_logger, cuda_available, load_backend, read_report,
+                        rtx_supports, rtx_targets)
 from .errors import LilyDeployError
 
 _TORCH_DTYPES = {
@@ -102,6 +103,11 @@ class TrtRunner:
         major, minor = torch.cuda.get_device_capability(self.device)
         self.device_cc = f"sm{major}{minor}"
         self.device_name = torch.cuda.get_device_name(self.device)
+        if self.backend.rtx and not rtx_supports(self.backend, self.device_cc):
+            raise LilyDeployError(
+                f"{self.backend.pretty} does not run on {self.device_name} ({self.device_cc}); it supports "
+                f"{', '.join(rtx_targets(self.backend))}: on this GPU build and run with standard TensorRT "
+                f"({INSTALL['tensorrt']}, then lily-deploy build-trt --backend tensorrt)")
         if check and self.report is not None:
             check_compatible(self.report, self.backend.name, self.backend.version, self.device_cc,
                              self.device_name, str(self.path))
