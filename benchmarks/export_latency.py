@@ -74,7 +74,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--iters", type=int, default=40, help="timed runs per model at batch 1 (fewer at larger batches)")
+    ap.add_argument("--iters", type=int, default=40, help="timed runs per model and round at batch 1 (fewer at larger batches)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is over all of them")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
@@ -115,15 +116,22 @@ def main() -> None:
             for _ in range(args.warmup):
                 s.run(None, feeds)
         times = {k: [] for k in sessions}
+        ratios = {k: [] for k in sessions}
         iters = max(10, args.iters // max(1, bs // 2))
         order = list(sessions)
-        for i in range(iters):
-            for k in order[i % len(order):] + order[:i % len(order)]:  # rotate who goes first
-                t = time.perf_counter()
-                sessions[k].run(None, feeds)
-                times[k].append(time.perf_counter() - t)
+        for _ in range(args.rounds):
+            round_times = {k: [] for k in sessions}
+            for i in range(iters):
+                for k in order[i % len(order):] + order[:i % len(order)]:  # rotate who goes first
+                    t = time.perf_counter()
+                    sessions[k].run(None, feeds)
+                    round_times[k].append(time.perf_counter() - t)
+            for k, v in round_times.items():
+                times[k].extend(v)
+                ratios[k].append(statistics.median(v) / statistics.median(round_times["base"]))
         med = {k: 1000 * statistics.median(v) for k, v in times.items()}
-        results[bs] = {k: {"median_ms": med[k], "ratio_to_base": med[k] / med["base"]} for k in med}
+        results[bs] = {k: {"median_ms": med[k], "ratio_to_base": med[k] / med["base"],
+                           "round_ratios": [round(r, 4) for r in ratios[k]]} for k in med}
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -133,13 +141,15 @@ def main() -> None:
     print(f"\nonnxruntime {ort.__version__}, {args.threads} threads, sequence {args.seq_len}, CPU: {cpu}")
     print(f"Lily r {args.rank}, E {args.num_hp}, LP stride {args.stride} on query,value"
           + (f" (adapter {args.adapter})" if args.adapter else " (random non-zero adapter)"))
-    header = f"| {'model':<30} |" + "".join(f" batch {bs} ms | ratio |" for bs in results)
+    print(f"medians over {args.rounds} interleaved rounds; per-round ratios in brackets show the noise")
+    header = f"| {'model':<30} |" + "".join(f" batch {bs} ms | ratio | per-round ratios |" for bs in results)
     print(header)
-    print("|" + "-" * 32 + "|" + "------------|-------|" * len(results))
+    print("|" + "-" * 32 + "|" + "------------|-------|------------------|" * len(results))
     for k in paths:
         row = f"| {k:<30} |"
         for bs in results:
-            row += f" {results[bs][k]['median_ms']:10.2f} | {results[bs][k]['ratio_to_base']:5.3f} |"
+            rr = " ".join(f"{r:.3f}" for r in results[bs][k]["round_ratios"])
+            row += f" {results[bs][k]['median_ms']:10.2f} | {results[bs][k]['ratio_to_base']:5.3f} | {rr:<16} |"
         print(row)
     if args.json:
         args.json.write_text(json.dumps({"results": results, "threads": args.threads, "cpu": cpu,
