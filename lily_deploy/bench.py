@@ -4,25 +4,30 @@ Each model runs on every backend that applies to it: a model folder (adapter, de
 checkpoint) or a base model name (``minilm``) in torch eager (and torch on CUDA where a GPU
 is), an ONNX file on onnxruntime's CPU (and its CUDA provider where present), an engine on
 TensorRT (GPU only; skipped with the reason elsewhere). For each batch size and sequence
-length, every runner gets the same inputs; after warm-up the runners take turns call by call,
+length every runner gets the same inputs; after warm-up the runners take turns call by call,
 the starting runner rotating each round, so a noisy, shared machine slows all of them alike and
-their ratios stay fair. Reported per runner: p50 / p90 / p99 / mean latency, throughput
-(samples/s at the median), resident memory added by loading the model, and the peak extra
-resident memory of the first call at each shape (high-water mark reset and read through
-``/proc/self/clear_refs`` and ``VmHWM``; CUDA: ``torch.cuda.max_memory_allocated``). The memory
-figures share one process, so they are approximate: an allocator may reuse what another runner
-freed. With ``base``, each row also gets its latency ratio
-to the base model's row of the same backend and shape: the adapter's overhead.
+their ratios stay fair. Reported per runner and shape: p50 / p90 / p99 / mean latency and
+throughput (samples/s at the median). With ``base``, each row also gets its latency ratio to
+the base model's row of the same backend and shape: the adapter's overhead.
+
+Memory, per runner: the weights it holds (torch parameters and buffers, ONNX initializers,
+engine size), and -- unless ``memory=False`` -- its peak memory measured in a fresh process that
+loads only that model and runs the largest shape (``VmHWM``: interpreter, runtime, model and
+activations; on CUDA also ``torch.cuda.max_memory_allocated``). Measuring it in the shared
+process would credit one runner with what another allocated.
 
 onnxruntime runs with spinning off (``session.intra_op.allow_spinning=0``) so its idle threads
-do not steal the CPU from the next runner; torch uses ``threads`` threads (OpenMP waits as the
-environment says; set ``OMP_WAIT_POLICY=PASSIVE`` before starting Python on a loaded machine).
+do not steal the CPU from the next runner; torch uses ``threads`` threads (its OpenMP threads
+wait as the environment says: ``OMP_WAIT_POLICY=PASSIVE`` on a loaded machine).
 """
 from __future__ import annotations
 
 import gc
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,41 +38,38 @@ import numpy as np
 from .errors import LilyDeployError
 
 BACKENDS = ("torch", "torch-cuda", "onnxruntime", "onnxruntime-cuda", "tensorrt")
+ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
 DEFAULT_BATCH_SIZES = (1, 8, 32)
 DEFAULT_SEQ_LENS = (32, 128, 512)
 SCHEMA = 1
+_ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
 
 
-# --------------------------------------------------------------------------- memory
-
-def _status_kib(key: str) -> Optional[int]:
+def _status_mib(key: str) -> Optional[float]:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(key + ":"):
-                return int(line.split()[1])
+                return int(line.split()[1]) / 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
 
 
-def rss_mib() -> Optional[float]:
-    kib = _status_kib("VmRSS")
-    return kib / 1024 if kib is not None else None
+def ort_session(path: Path, threads: Optional[int] = None, providers: Sequence[str] = ("CPUExecutionProvider",),
+                flag: str = "--candidate"):
+    """An onnxruntime session whose idle threads sleep (so they do not steal the CPU from torch)."""
+    import onnxruntime as ort
 
-
-def reset_peak() -> bool:
-    """Reset the process's resident-memory high-water mark (Linux); False where that cannot be done."""
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_mib() -> Optional[float]:
-    kib = _status_kib("VmHWM")
-    return kib / 1024 if kib is not None else None
+        return ort.InferenceSession(str(path), so, providers=list(providers))
+    except Exception as exc:  # onnxruntime's errors: unknown op, bad graph, missing .data
+        raise LilyDeployError(f"{flag} {path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:300]})") from None
 
 
 # --------------------------------------------------------------------------- models and runners
@@ -81,8 +83,6 @@ class BenchModel:
 
 def parse_model(spec: str) -> BenchModel:
     """``PATH`` or ``LABEL=PATH``; the kind comes from the path (file suffix, folder, or model name)."""
-    from .parity import ENGINE_SUFFIXES
-
     label = None
     text = str(spec)
     if "=" in text and not Path(text).exists():
@@ -91,12 +91,7 @@ def parse_model(spec: str) -> BenchModel:
             raise LilyDeployError(f"model {spec!r}: expected PATH or LABEL=PATH")
     path = Path(text)
     suffix = path.suffix.lower()
-    if suffix == ".onnx":
-        kind = "onnx"
-    elif suffix in ENGINE_SUFFIXES:
-        kind = "engine"
-    else:
-        kind = "torch"
+    kind = "onnx" if suffix == ".onnx" else "engine" if suffix in ENGINE_SUFFIXES else "torch"
     if kind != "torch" and not path.is_file():
         raise LilyDeployError(f"model {text}: file does not exist")
     if label is None:
@@ -115,8 +110,8 @@ class Runner:
     task: str = "seq-cls"
     vocab: Optional[int] = None
     image_size: Optional[int] = None
-    fixed: dict = field(default_factory=dict)  # input -> {axis: size} for static ONNX axes
-    load_mib: Optional[float] = None
+    fixed: dict = field(default_factory=dict)  # input -> {axis: size} for fixed axes
+    weights_mib: Optional[float] = None
     cuda: bool = False
 
     @property
@@ -146,7 +141,6 @@ def _torch_runner(m: BenchModel, backend: str, routing: Optional[str], base: Opt
 
     from .export import open_model
 
-    before = rss_mib()
     model = open_model(m.spec, base=base)
     model.eval()
     if routing and model.layers:
@@ -155,6 +149,8 @@ def _torch_runner(m: BenchModel, backend: str, routing: Optional[str], base: Opt
     if cuda:
         model.cuda()
     names = list(model.input_names)
+    tensors = {id(t): t for t in list(model.model.parameters()) + list(model.model.buffers())}
+    weights = sum(t.numel() * t.element_size() for t in tensors.values()) / 2 ** 20
 
     def prepare(inputs):
         feeds = {n: torch.from_numpy(inputs[n]) for n in names}
@@ -169,10 +165,8 @@ def _torch_runner(m: BenchModel, backend: str, routing: Optional[str], base: Opt
 
         return call
 
-    after = rss_mib()
     vocab = getattr(getattr(model.model, "config", None), "vocab_size", None)
-    return Runner(m, backend, names, prepare, model.task, vocab, model.image_size,
-                  load_mib=(after - before) if before is not None and after is not None else None, cuda=cuda)
+    return Runner(m, backend, names, prepare, model.task, vocab, model.image_size, weights_mib=weights, cuda=cuda)
 
 
 def onnx_vocab(model) -> Optional[int]:
@@ -185,18 +179,24 @@ def onnx_vocab(model) -> Optional[int]:
     return None
 
 
-def _ort_runner(m: BenchModel, backend: str, threads: int) -> Runner:
-    import onnx
+def onnx_weights_mib(model) -> float:
+    total = 0
+    for t in model.graph.initializer:
+        n = 1
+        for d in t.dims:
+            n *= int(d)
+        total += n * _ITEMSIZE.get(t.data_type, 4)
+    return total / 2 ** 20
 
-    from .parity import ort_session
+
+def _ort_runner(m: BenchModel, backend: str, threads: Optional[int]) -> Runner:
+    import onnx
 
     graph = onnx.load(m.spec, load_external_data=False)
     meta = {p.key: p.value for p in graph.metadata_props}
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if backend == "onnxruntime-cuda" \
         else ["CPUExecutionProvider"]
-    before = rss_mib()
     session = ort_session(Path(m.spec), threads, providers, flag="model")
-    after = rss_mib()
     types = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
              "tensor(float16)": np.float16}
     ins = session.get_inputs()
@@ -226,8 +226,7 @@ def _ort_runner(m: BenchModel, backend: str, threads: int) -> Runner:
         shape = next(i.shape for i in ins if i.name == "pixel_values")
         size = shape[-1] if isinstance(shape[-1], int) else None
     return Runner(m, backend, names, prepare, task, onnx_vocab(graph), size, fixed,
-                  load_mib=(after - before) if before is not None and after is not None else None,
-                  cuda=backend == "onnxruntime-cuda")
+                  weights_mib=onnx_weights_mib(graph), cuda=backend == "onnxruntime-cuda")
 
 
 def _engine_runner(m: BenchModel) -> Runner:
@@ -253,7 +252,17 @@ def _engine_runner(m: BenchModel) -> Runner:
         return call
 
     task = "image-cls" if "pixel_values" in names else "seq-cls"
-    return Runner(m, "tensorrt", names, prepare, task, fixed=fixed, cuda=True)
+    return Runner(m, "tensorrt", names, prepare, task, fixed=fixed,
+                  weights_mib=Path(m.spec).stat().st_size / 2 ** 20, cuda=True)
+
+
+def make_runner(m: BenchModel, backend: str, threads: Optional[int], routing: Optional[str],
+                base_model: Optional[str]) -> Runner:
+    if m.kind == "torch":
+        return _torch_runner(m, backend, routing, base_model)
+    if m.kind == "onnx":
+        return _ort_runner(m, backend, threads)
+    return _engine_runner(m)
 
 
 def backends_for(m: BenchModel) -> list[str]:
@@ -277,7 +286,53 @@ def unavailable(backend: str) -> Optional[str]:
 
         if importlib.util.find_spec("lily_deploy.trt_runner") is None:
             return "lily_deploy.trt_runner is not installed"
+        if not any(importlib.util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx")):
+            return "no TensorRT is installed here"
     return None
+
+
+# --------------------------------------------------------------------------- peak memory, in a fresh process
+
+def peak_memory(m: BenchModel, backend: str, threads: Optional[int], routing: Optional[str],
+                base_model: Optional[str], shape: dict, timeout: float = 600.0) -> tuple[Optional[dict], str]:
+    """Peak memory of a process that loads only ``m`` and runs it twice at ``shape``; (result, why not)."""
+    job = {"label": m.label, "spec": m.spec, "kind": m.kind, "backend": backend, "threads": threads,
+           "routing": routing, "base_model": base_model, "shape": shape}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "lily_deploy.bench", "--peak-worker", json.dumps(job)],
+                              capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+    except subprocess.TimeoutExpired:
+        return None, f"the memory probe took over {timeout:.0f} s"
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return None, f"the memory probe failed: {tail[:200]}"
+    return json.loads(lines[-1]), ""
+
+
+def _peak_worker(job: dict) -> dict:
+    start = _status_mib("VmHWM")
+    m = BenchModel(job["label"], job["spec"], job["kind"])
+    if job["kind"] == "torch" and job["threads"]:
+        import torch
+
+        torch.set_num_threads(int(job["threads"]))
+    runner = make_runner(m, job["backend"], job["threads"], job["routing"], job["base_model"])
+    shape = job["shape"]
+    inputs = _inputs([runner], shape["batch_size"], shape["seq_len"], 0)
+    call = runner.prepare(inputs)
+    if runner.cuda:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+    call()
+    call()
+    out = {"peak_rss_mib": _status_mib("VmHWM"), "interpreter_mib": start}
+    if runner.cuda:
+        import torch
+
+        out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    return out
 
 
 # --------------------------------------------------------------------------- results
@@ -295,8 +350,9 @@ class Measurement:
     min_ms: float
     throughput: float  # samples per second at the median latency
     iters: int
-    load_mib: Optional[float]
-    peak_run_mib: Optional[float]
+    weights_mib: Optional[float]
+    peak_rss_mib: Optional[float]  # fresh process, largest shape (the same for every shape of a runner)
+    peak_gpu_mib: Optional[float] = None
     overhead_vs_base: Optional[float] = None
     base: Optional[str] = None
 
@@ -310,6 +366,9 @@ class BenchReport:
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
+    HEADERS = ["model", "backend", "batch", "seq", "p50 ms", "p90 ms", "p99 ms", "samples/s", "weights MiB",
+               "peak RSS MiB", "x base"]
+
     def to_json(self) -> dict:
         from .report import environment
 
@@ -318,38 +377,32 @@ class BenchReport:
                 "seconds": round(self.seconds, 3), "environment": environment()}
 
     def _rows(self):
-        rows = []
-        for r in self.results:
-            rows.append([r.model, r.backend, str(r.batch_size), str(r.seq_len or "-"), f"{r.p50_ms:.2f}",
-                         f"{r.p90_ms:.2f}", f"{r.p99_ms:.2f}", f"{r.throughput:.1f}",
-                         f"{r.peak_run_mib:.0f}" if r.peak_run_mib is not None else "-",
-                         f"{r.load_mib:.0f}" if r.load_mib is not None else "-",
-                         f"{r.overhead_vs_base:.3f}" if r.overhead_vs_base is not None else "-"])
-        return rows
+        f = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
+        return [[r.model, r.backend, str(r.batch_size), str(r.seq_len or "-"), f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}",
+                 f"{r.p99_ms:.2f}", f"{r.throughput:.1f}", f(r.weights_mib, ".0f"),
+                 f(r.peak_rss_mib, ".0f") + (f" (GPU {r.peak_gpu_mib:.0f})" if r.peak_gpu_mib is not None else ""),
+                 f(r.overhead_vs_base, ".3f")] for r in self.results]
 
-    HEADERS = ["model", "backend", "batch", "seq", "p50 ms", "p90 ms", "p99 ms", "samples/s", "peak run MiB",
-               "load MiB", "x base"]
+    def _legend(self) -> str:
+        s = self.settings
+        return (f"{s['threads']} threads{' on ' + s['cpu'] if s.get('cpu') else ''}; {s['warmup']} warm-up + "
+                f"{s['iters']} interleaved iterations per runner and shape; x base = p50 / p50 of the base on the "
+                "same backend and shape; peak RSS: a fresh process with only that model, at the largest shape")
 
     def table(self) -> str:
         from .report import text_table
 
-        s = self.settings
-        lines = [f"bench: {s['threads']} threads, {s['warmup']} warm-up + {s['iters']} interleaved iterations "
-                 f"per runner and shape, {self.seconds:.0f} s", "", text_table(self.HEADERS, self._rows())]
+        lines = [f"bench: {self._legend()} ({self.seconds:.0f} s)", "", text_table(self.HEADERS, self._rows())]
         for sk in self.skipped:
-            lines.append(f"skipped: {sk['model']} ({sk['backend']}): {sk['reason']}")
-        for n in self.notes:
-            lines.append(f"note: {n}")
+            where = f" at batch {sk['batch_size']}, seq {sk['seq_len']}" if "batch_size" in sk else ""
+            lines.append(f"skipped: {sk['model']} ({sk['backend']}){where}: {sk['reason']}")
+        lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
     def markdown(self) -> str:
         from .report import markdown_table
 
-        s = self.settings
-        env = s.get("cpu") or ""
-        out = [f"Latency per call, {s['threads']} threads{' on ' + env if env else ''}; {s['iters']} interleaved "
-               f"iterations after {s['warmup']} warm-up; x base = p50 / p50 of the base model on the same backend "
-               "and shape.", "",
+        out = [f"Latency per call: {self._legend()}.", "",
                markdown_table(self.HEADERS, self._rows(), align="llrrrrrrrrr")]
         if self.skipped:
             out += [""] + [f"- skipped: {sk['model']} ({sk['backend']}): {sk['reason']}" for sk in self.skipped]
@@ -376,6 +429,24 @@ def _inputs(runners: list[Runner], batch: int, seq: Optional[int], seed: int) ->
             "token_type_ids": np.zeros((batch, seq), dtype=np.int64)}
 
 
+def _resolve_models(models: Sequence[str], base: Sequence[str]) -> tuple[list[BenchModel], set[str]]:
+    specs = [parse_model(s) for s in models]
+    base_labels = set()
+    for b in base:
+        match = [m for m in specs if m.label == b or m.spec == b]
+        if not match:
+            match = [parse_model(b)]
+            specs.insert(0, match[0])
+        base_labels |= {m.label for m in match}
+    labels = [m.label for m in specs]
+    for label in labels:
+        kinds = [m.kind for m in specs if m.label == label]
+        if len(kinds) != len(set(kinds)):
+            raise LilyDeployError(f"model label {label!r} names two models of the same kind; "
+                                  "label them with LABEL=PATH")
+    return specs, base_labels
+
+
 def run_bench(
     models: Sequence[str],
     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
@@ -384,9 +455,10 @@ def run_bench(
     warmup: int = 3,
     iters: int = 20,
     backends: Optional[Sequence[str]] = None,
-    base: Optional[Sequence[str]] = None,
+    base: Sequence[str] = (),
     routing: str = "sample",
     base_model: Optional[str] = None,
+    memory: bool = True,
     seed: int = 0,
     progress: bool = True,
 ) -> BenchReport:
@@ -394,7 +466,7 @@ def run_bench(
 
     ``base`` names base models (paths or labels, also benchmarked) whose rows give the overhead
     ratio of every other row with the same backend and shape. ``routing`` applies to Lily models
-    run in torch (ONNX files carry their own).
+    run in torch (ONNX files carry their own). ``memory`` adds the fresh-process peak memory.
     """
     import torch
     from tqdm.auto import tqdm
@@ -415,28 +487,15 @@ def run_bench(
     for b in wanted or []:
         if b not in BACKENDS:
             raise LilyDeployError(f"--backends {b!r}: choose from {', '.join(BACKENDS)}")
-    specs = [parse_model(s) for s in models]
-    base_specs = []
-    for b in base or []:
-        match = [m for m in specs if m.label == b or m.spec == b]
-        if match:
-            base_specs += match
-        else:
-            bm = parse_model(b)
-            specs.insert(0, bm)
-            base_specs.append(bm)
-    labels = [m.label for m in specs]
-    dup = sorted({l for l in labels if labels.count(l) > 1 and
-                  len({m.kind for m in specs if m.label == l}) < labels.count(l)})
-    if dup:
-        raise LilyDeployError(f"model label {dup[0]!r} names two models of the same kind; label them with LABEL=PATH")
-    base_labels = {m.label for m in base_specs}
+    specs, base_labels = _resolve_models(models, list(base or ()))
 
     threads = int(threads or torch.get_num_threads())
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     skipped: list[dict] = []
     runners: list[Runner] = []
+    results: list[Measurement] = []
+    notes: list[str] = []
     try:
         for m in tqdm(specs, desc="bench: load", unit="model", disable=None if progress else True, leave=False):
             for backend in backends_for(m):
@@ -447,12 +506,7 @@ def run_bench(
                     if wanted is not None or backend in ("torch", "onnxruntime", "tensorrt"):
                         skipped.append({"model": m.label, "backend": backend, "reason": why})
                     continue
-                if m.kind == "torch":
-                    runners.append(_torch_runner(m, backend, routing, base_model))
-                elif m.kind == "onnx":
-                    runners.append(_ort_runner(m, backend, threads))
-                else:
-                    runners.append(_engine_runner(m))
+                runners.append(make_runner(m, backend, threads, routing, base_model))
         if not runners:
             raise LilyDeployError("nothing to measure: every model/backend pair was skipped ("
                                   + "; ".join(f"{s['model']} ({s['backend']}): {s['reason']}" for s in skipped) + ")")
@@ -460,13 +514,10 @@ def run_bench(
         if len(tasks) > 1:
             raise LilyDeployError(f"models of different tasks ({', '.join(sorted(tasks))}) cannot share inputs; "
                                   "bench them separately")
-        image = "image-cls" in tasks
-        seqs: list[Optional[int]] = [None] if image else [int(s) for s in seq_lens]
+        seqs: list[Optional[int]] = [None] if "image-cls" in tasks else [int(s) for s in seq_lens]
         configs = [(int(b), s) for b in batch_sizes for s in seqs]
-        results: list[Measurement] = []
-        total = len(configs) * (warmup + iters + 1) * len(runners)
+        total = len(configs) * (warmup + iters) * len(runners)
         bar = tqdm(total=total, desc="bench", unit="call", disable=None if progress else True, leave=False)
-        can_reset = reset_peak()
         for batch, seq in configs:
             inputs = _inputs(runners, batch, seq, seed)
             active = []
@@ -475,13 +526,9 @@ def run_bench(
                 if why:
                     skipped.append({"model": r.model.label, "backend": r.backend, "batch_size": batch,
                                     "seq_len": seq, "reason": why})
-                    bar.update(warmup + iters + 1)
+                    bar.update(warmup + iters)
                     continue
                 active.append((r, r.prepare(inputs)))
-            peaks = {}
-            for r, call in active:  # the first call, high-water mark reset: what one call allocates
-                peaks[r.name] = _measure_peak(call, r.cuda, can_reset)
-                bar.update()
             for _ in range(warmup):
                 for r, call in active:
                     call()
@@ -491,7 +538,7 @@ def run_bench(
             gc.disable()
             try:
                 for i in range(iters):
-                    k = i % len(active)
+                    k = i % len(active) if active else 0
                     for r, call in active[k:] + active[:k]:
                         t0 = time.perf_counter()
                         call()
@@ -505,10 +552,25 @@ def run_bench(
                 results.append(Measurement(r.model.label, r.backend, batch, seq, p50, _percentile(t, 90),
                                            _percentile(t, 99), statistics.fmean(t), min(t),
                                            batch * 1000.0 / p50 if p50 > 0 else float("inf"), len(t),
-                                           _round(r.load_mib), _round(peaks[r.name])))
+                                           _round(r.weights_mib), None))
         bar.close()
     finally:
         torch.set_num_threads(previous)
+    if memory:
+        for r in tqdm(runners, desc="bench: peak memory", unit="model", disable=None if progress else True,
+                      leave=False):
+            mine = [x for x in results if x.model == r.model.label and x.backend == r.backend]
+            if not mine:
+                continue
+            biggest = max(mine, key=lambda x: (x.batch_size * (x.seq_len or 1), x.batch_size))
+            got, why = peak_memory(r.model, r.backend, threads, routing, base_model,
+                                   {"batch_size": biggest.batch_size, "seq_len": biggest.seq_len})
+            if got is None:
+                notes.append(f"peak memory of {r.name}: {why}")
+                continue
+            for x in mine:
+                x.peak_rss_mib = _round(got.get("peak_rss_mib"))
+                x.peak_gpu_mib = _round(got.get("peak_gpu_mib"))
     for res in results:
         if res.model in base_labels:
             continue
@@ -517,13 +579,9 @@ def run_bench(
         if ref is not None and ref.p50_ms > 0:
             res.overhead_vs_base = round(res.p50_ms / ref.p50_ms, 4)
             res.base = ref.model
-    notes = []
-    if not can_reset:
-        notes.append("peak memory: this system cannot reset the resident-set high-water mark; peak run MiB is not "
-                     "measured")
     settings = {"threads": threads, "warmup": warmup, "iters": iters, "batch_sizes": [int(b) for b in batch_sizes],
-                "seq_lens": [s for s in seqs], "routing": routing, "backends": wanted, "base": sorted(base_labels),
-                "seed": seed, "cpu": _cpu(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+                "seq_lens": seqs, "routing": routing, "backends": wanted, "base": sorted(base_labels),
+                "memory": memory, "seed": seed, "cpu": _cpu(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     model_info = [{"label": m.label, "spec": m.spec, "kind": m.kind,
                    "backends": [r.backend for r in runners if r.model is m]} for m in specs]
     return BenchReport(settings, model_info, results, skipped, time.perf_counter() - started, notes)
@@ -540,21 +598,8 @@ def _round(v: Optional[float]) -> Optional[float]:
     return round(v, 1) if v is not None else None
 
 
-def _measure_peak(call: Callable[[], None], cuda: bool, can_reset: bool) -> Optional[float]:
-    if cuda:
-        import torch
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--peak-worker":
+    import warnings
 
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-        call()
-        return (torch.cuda.max_memory_allocated() - start) / 2 ** 20
-    if not can_reset:
-        call()
-        return None
-    gc.collect()
-    reset_peak()
-    start = rss_mib()
-    call()
-    peak = peak_mib()
-    return max(peak - start, 0.0) if peak is not None and start is not None else None
+    warnings.filterwarnings("ignore")
+    print(json.dumps(_peak_worker(json.loads(sys.argv[2]))), flush=True)

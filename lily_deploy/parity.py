@@ -350,23 +350,6 @@ def _static(dim) -> Optional[int]:
     return int(dim) if isinstance(dim, int) and dim > 0 else None
 
 
-def ort_session(path: Path, threads: Optional[int] = None, providers: Sequence[str] = ("CPUExecutionProvider",),
-                flag: str = "--candidate"):
-    """An onnxruntime session whose idle threads sleep (so they do not steal the CPU from torch)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        so.intra_op_num_threads = int(threads)
-        so.inter_op_num_threads = 1
-    try:
-        return ort.InferenceSession(str(path), so, providers=list(providers))
-    except Exception as exc:  # onnxruntime's errors: unknown op, bad graph, missing .data
-        raise LilyDeployError(f"{flag} {path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:300]})") from None
-
-
 def open_onnx(path: Path, flag: str = "--candidate", threads: Optional[int] = None) -> Candidate:
     import onnx
 
@@ -376,6 +359,8 @@ def open_onnx(path: Path, flag: str = "--candidate", threads: Optional[int] = No
         raise LilyDeployError(f"{flag} {path}: not a readable ONNX file ({str(exc).splitlines()[0][:200]})") from None
     meta = {p.key: p.value for p in model.metadata_props}
     precision, why = detect_precision(model)
+    from .bench import ort_session
+
     session = ort_session(path, threads, flag=flag)
     inputs = {i.name: _NP_TYPES.get(i.type) for i in session.get_inputs()}
     outs = session.get_outputs()
@@ -436,6 +421,8 @@ def _engine_skip_reason(report: dict) -> Optional[str]:
     module = (report.get("backend") or {}).get("module")
     if module and importlib.util.find_spec(module) is None:
         return f"the engine was built with {module}, which is not installed here"
+    if not module and not any(importlib.util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx")):
+        return "no TensorRT is installed here (pip install 'lily-deploy[tensorrt]' or 'lily-deploy[tensorrt-rtx]')"
     return None
 
 

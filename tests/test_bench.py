@@ -14,7 +14,7 @@ from lily_deploy.bench import parse_model, run_bench
 from lily_deploy.cli import cli
 from lily_deploy.errors import LilyDeployError
 
-FAST = dict(batch_sizes=(1, 2), seq_lens=(8, 16), warmup=1, iters=4, threads=1, progress=False)
+FAST = dict(batch_sizes=(1, 2), seq_lens=(8, 16), warmup=1, iters=4, threads=1, progress=False, memory=False)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_interleaved_run_with_base_ratios(tiny_roberta_dir, tiny_roberta_adapter
         assert r.iters == 4
         assert 0 < r.min_ms <= r.p50_ms <= r.p90_ms <= r.p99_ms
         assert r.throughput == pytest.approx(r.batch_size * 1000.0 / r.p50_ms)
-        assert r.load_mib is not None
+        assert r.weights_mib > 0 and r.peak_rss_mib is None  # memory=False: no fresh-process probe
     lily_torch = [r for r in report.results if (r.model, r.backend) == ("lily", "torch")]
     base_torch = {(r.batch_size, r.seq_len): r for r in report.results if r.model == "base"}
     for r in lily_torch:
@@ -79,6 +79,9 @@ def test_cli_reports_and_fixed_shapes(lily_onnx, tmp_path):
     assert skipped and skipped[0]["batch_size"] == 2 and "fixed batch of 1" in skipped[0]["reason"]
     lily1 = next(r for r in data["results"] if r["model"] == "lily" and r["batch_size"] == 1)
     assert lily1["base"] == "fixed" and lily1["overhead_vs_base"] > 0
+    # peak memory from a fresh process holding only that model: more than its weights, and measured
+    assert lily1["peak_rss_mib"] > lily1["weights_mib"] > 0
+    assert not data["notes"]
     assert (tmp_path / "rep" / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "rep" / "bench.md").read_text().count("\n|") >= 3
 

@@ -37,12 +37,14 @@ def _backends(ctx, param, value):
               help="Routing of Lily models run in torch (ONNX files carry their own).")
 @click.option("--base-model", default=None, metavar="NAME_OR_DIR",
               help="Base model for adapter folders (default: the one each adapter names).")
+@click.option("--memory/--no-memory", default=True, show_default=True,
+              help="Measure each runner's peak memory in a fresh process (a few seconds per runner).")
 @click.option("--report-dir", type=click.Path(file_okay=False), default=None,
               help="Write bench.json, bench.md and bench.png here.")
 @click.option("--markdown", is_flag=True, help="Print the Markdown table instead of the text table.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the table.")
-def command(models, batch_sizes, seq_lens, threads, warmup, iters, backends, base, routing, base_model, report_dir,
-            markdown, as_json):
+def command(models, batch_sizes, seq_lens, threads, warmup, iters, backends, base, routing, base_model, memory,
+            report_dir, markdown, as_json):
     """Latency p50/p90/p99, throughput and memory of each MODEL on each backend, in one interleaved run.
 
     \b
@@ -57,7 +59,8 @@ def command(models, batch_sizes, seq_lens, threads, warmup, iters, backends, bas
     from lily_deploy.bench import run_bench
 
     report = run_bench(models, batch_sizes=batch_sizes, seq_lens=seq_lens, threads=threads, warmup=warmup,
-                       iters=iters, backends=backends, base=base, routing=routing, base_model=base_model)
+                       iters=iters, backends=backends, base=base, routing=routing, base_model=base_model,
+                       memory=memory)
     data = report.to_json()
     if report_dir is not None:
         from lily_deploy.report import write_reports

@@ -1,0 +1,225 @@
+"""End-to-end parity benchmark for CI: MiniLM + Lily through fold, export, quantize and build-trt,
+then ``parity`` on a fixed slice of ``../shared/data/sst2/dev.tsv``. Exit 1 on any parity failure.
+
+    python benchmarks/ci_parity.py --out out/ci          # what .ci/run calls
+    python benchmarks/ci_parity.py --out out/ci --keep   # also keep the models in out/ci/work
+
+Steps (each stage that is not installed is skipped and said so, never faked):
+1. adapter: a few fine-tuning steps on sst2/train.tsv (``lily_deploy.finetune``, sample routing), or,
+   without it, a seeded random-but-nonzero PEFT-Lily adapter;
+2. fold (auto, calibration on train rows) -> a deploy checkpoint;
+3. export: the adapter with sample routing and with batch routing, and the folded checkpoint;
+4. quantize (``lily_deploy.quantize``): FP16 and INT8 (Q/DQ) from the sample-routing graph;
+5. build-trt (``lily_deploy.build_trt`` + TensorRT for RTX): an engine for sm89, ahead of time;
+6. parity: the adapter (torch) vs the fp32/fp16/int8 graphs and the engine (skipped without a GPU),
+   and the folded checkpoint vs its graph, on the first ``--rows`` rows of sst2/dev.tsv.
+Reports: ``OUT/parity/parity.{json,md,png}``, ``OUT/parity-folded/...`` and ``OUT/summary.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+# idle OpenMP threads must sleep, not spin: this runs on 2 shared cores (set before torch loads)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "data" / "sst2"
+warnings.filterwarnings("ignore")
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def have(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def random_adapter(out: Path, seed: int = 0) -> Path:
+    """A PEFT-Lily adapter on MiniLM with random non-zero HPs (as after training), seeded."""
+    import torch
+    from peft import LilyConfig, get_peft_model
+
+    from lily_deploy.models import load_base
+
+    torch.manual_seed(seed)
+    base = load_base("minilm", task="seq-cls", num_labels=2, labels=["0", "1"])
+    cfg = LilyConfig(r=8, num_B=4, stride_A=2, scaling=1.0, target_modules=["query", "value"],
+                     modules_to_save=["classifier"], task_type="SEQ_CLS", init_weights=False)
+    get_peft_model(base.model, cfg).save_pretrained(str(out))
+    (out / "lily_deploy.json").write_text(json.dumps({"base_model": "minilm", "task": "seq-cls",
+                                                      "labels": ["0", "1"]}))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(ROOT / "out" / "ci"), help="Report folder (default: out/ci).")
+    ap.add_argument("--rows", type=int, default=200, help="Rows of sst2/dev.tsv compared (the first N).")
+    ap.add_argument("--finetune-steps", type=int, default=40, help="Fine-tuning steps (0: seeded random adapter).")
+    ap.add_argument("--threads", type=int, default=None, help="torch/onnxruntime threads (default: all cores).")
+    ap.add_argument("--keep", action="store_true", help="Keep the models in OUT/work.")
+    args = ap.parse_args(argv)
+
+    dev, train = DATA / "dev.tsv", DATA / "train.tsv"
+    if not dev.is_file() or not train.is_file():
+        say(f"SKIPPED | ci parity: real data {DATA} is not here")
+        return 0
+    import torch
+
+    from lily_deploy.errors import LilyDeployError
+    from lily_deploy.fileio import write_json
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work" if args.keep else Path(tempfile.mkdtemp(prefix="lily-ci-"))
+    if args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    timings: dict[str, float] = {}
+    notes: list[str] = []
+    started = time.perf_counter()
+
+    def step(name):
+        timings[name] = round(time.perf_counter() - t0, 1)
+        say(f"[{timings[name]:6.1f} s] {name}")
+
+    try:
+        # 1. adapter
+        t0 = time.perf_counter()
+        adapter = work / "adapter"
+        if args.finetune_steps > 0 and have("lily_deploy.finetune"):
+            from lily_deploy.finetune import finetune
+
+            res = finetune("minilm", train, None, adapter, rank=8, num_hp=4, lp_stride=2, scale=1.0,
+                           targets=["query", "value"], max_steps=args.finetune_steps, batch_size=16, lr=1e-2,
+                           max_length=64, routing="sample", train_size=args.finetune_steps * 16, seed=0,
+                           progress=False, log=lambda m: None)
+            notes.append(f"adapter: {res.steps} fine-tuning steps (batch 16, sample routing) on sst2/train.tsv")
+        else:
+            random_adapter(adapter)
+            notes.append("adapter: seeded random-but-nonzero PEFT-Lily (r 8, 4 HPs, LP stride 2, query+value)")
+        step("adapter")
+
+        # 2. fold
+        t0 = time.perf_counter()
+        from lily_deploy.fold import fold
+
+        folded = work / "folded"
+        rep = fold(adapter, folded, calib=str(train), strategy="auto", size=128, batch_size=32, max_length=64,
+                   progress=False)
+        notes.append(f"fold auto: {len(rep.folded)} of {len(rep.layers)} layers folded "
+                     f"({rep.metric_name} {rep.metric_before:.2f} -> {rep.metric_after:.2f} on 128 train rows)")
+        step("fold")
+
+        # 3. export
+        t0 = time.perf_counter()
+        from lily_deploy.export import export_onnx
+
+        graphs = {"lily.onnx": (adapter, "sample"), "lily_batch.onnx": (adapter, "batch"),
+                  "folded.onnx": (folded, "sample")}
+        for name, (src, routing) in graphs.items():
+            r = export_onnx(src, work / name, routing=routing)
+            if not r.passed:
+                raise LilyDeployError(f"export of {name} failed its validation:\n{r.table()}")
+        step("export")
+
+        candidates = [work / "lily.onnx", work / "lily_batch.onnx"]
+        # 4. quantize
+        t0 = time.perf_counter()
+        if have("lily_deploy.quantize"):
+            from lily_deploy.quantize import quantize
+
+            for prec in ("fp16", "int8"):
+                dst = work / f"lily.{prec}.onnx"
+                q = quantize(work / "lily.onnx", dst, precision=prec, calib=str(train) if prec == "int8" else None,
+                             val=str(train) if prec == "fp16" else None, calib_size=128, val_size=128,
+                             model=str(adapter), cache_dir=None, keep_on_failure=True, progress=False,
+                             max_length=64)
+                if not q.passed:
+                    notes.append(f"quantize {prec}: its own validation failed (file kept for parity)")
+                candidates.append(dst)
+            step("quantize")
+        else:
+            notes.append("quantize: lily_deploy.quantize is not installed; no FP16/INT8 candidates")
+
+        # 5. build-trt
+        t0 = time.perf_counter()
+        if have("lily_deploy.build_trt") and have("tensorrt_rtx"):
+            from lily_deploy.build_trt import build_engine
+
+            engine = work / "lily.plan"
+            build_engine(work / "lily.onnx", engine, backend="tensorrt-rtx", compute_capabilities=["sm89"],
+                         max_shapes=["input_ids:8x128,attention_mask:8x128,token_type_ids:8x128"],
+                         min_shapes=["input_ids:1x1,attention_mask:1x1,token_type_ids:1x1"],
+                         opt_shapes=["input_ids:8x64,attention_mask:8x64,token_type_ids:8x64"], progress=False)
+            candidates.append(engine)
+            step("build-trt")
+        else:
+            notes.append("build-trt: TensorRT for RTX (tensorrt_rtx) or lily_deploy.build_trt is not installed")
+
+        # 6. parity
+        t0 = time.perf_counter()
+        from lily_deploy.parity import run_parity
+        from lily_deploy.report import write_reports
+
+        runs = {"parity": (adapter, candidates), "parity-folded": (folded, [work / "folded.onnx"])}
+        reports = {}
+        for name, (ref, cands) in runs.items():
+            report = run_parity(ref, cands, data=dev, limit=args.rows, batch_sizes=(1, 8), max_length=128,
+                                threads=args.threads, progress=False)
+            write_reports(report.to_json(), report.markdown(), out / name)
+            reports[name] = report
+            say("")
+            say(f"== {name}: reference {Path(ref).name}, first {args.rows} rows of {dev}")
+            say(report.table())
+            say(report.final_line())
+        step("parity")
+    except LilyDeployError as exc:
+        say(f"FAILED | ci parity: {exc}")
+        return 1
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    passed = all(reports.values())
+    total = round(time.perf_counter() - started, 1)
+    summary = {
+        "schema_version": 1, "kind": "ci-parity", "passed": passed, "seconds": total, "timings": timings,
+        "data": f"first {args.rows} rows of {dev}", "notes": notes,
+        "runs": {name: {"passed": r.passed, "summary": r.summary(), "report": str(out / name / "parity.json"),
+                        "candidates": [{"name": c.name, "precision": c.precision, "routing": c.routing,
+                                        "status": c.status, "reason": c.reason,
+                                        "agreement": min((b.agreement for b in c.batches), default=None),
+                                        "metric_delta": min((b.metric_delta for b in c.batches), default=None),
+                                        "max_abs": max((b.outputs["logits"]["max_abs"] for b in c.batches),
+                                                       default=None)}
+                                       for c in r.candidates]}
+                 for name, r in reports.items()},
+    }
+    write_json(out / "summary.json", summary)
+    say("")
+    for n in notes:
+        say(f"note: {n}")
+    say(f"wrote {out / 'summary.json'}, {out / 'parity'}/, {out / 'parity-folded'}/")
+    say(f"{'PASSED' if passed else 'FAILED'} | ci parity: "
+        + "; ".join(f"{k}: {r.summary()}" for k, r in reports.items()) + f" | {total:.0f} s")
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
