@@ -1,0 +1,24 @@
+"""``lily-deploy quickstart``."""
+import click
+
+
+@click.command("quickstart")
+@click.option("-o", "--output", default="out/quickstart", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for every artifact and summary.json.")
+@click.option("--train", type=click.Path(), default=None, help="Your training data instead of the embedded set.")
+@click.option("--val", type=click.Path(), default=None, help="Your validation data (with --train).")
+@click.option("--steps", default=250, show_default=True, help="Fine-tuning steps (about 3 minutes on 2 CPU cores).")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--no-engine", is_flag=True, help="Skip the TensorRT build.")
+@click.option("--no-bench", is_flag=True, help="Skip the latency benchmark.")
+@click.option("--fresh", is_flag=True, help="Start over instead of resuming finished stages.")
+def command(output, train, val, steps, batch_size, no_engine, no_bench, fresh):
+    """Fine-tune MiniLM with Lily, fold, export, quantize, build, check parity and benchmark -- one command.
+
+    Needs nothing but the packaged MiniLM; a rerun after an interruption resumes where it stopped.
+    """
+    from lily_deploy.quickstart import format_summary, quickstart
+
+    summary = quickstart(output, train=train, val=val, steps=steps, batch_size=batch_size, engine=not no_engine,
+                         bench=not no_bench, fresh=fresh, log=lambda m: click.echo(m))
+    click.echo("\n" + format_summary(summary))
