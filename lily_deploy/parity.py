@@ -14,8 +14,13 @@ tolerances that depend on the candidate's precision:
  fp32    logits <= 1e-4                       100 %            0 points          1e-4
  fp16    reported, not judged                 >= 99 %          <= 0.5 points     1e-2
  bf16    reported, not judged                 >= 98 %          <= 1.0 point      5e-2
- int8    reported, not judged                 >= 97 %          <= 1.0 point      5e-2
+ int8    reported, not judged                 >= 95 %          <= 1.0 point      5e-2
 ======  ===================================  ===============  ================  ================
+
+For fp16 and int8 the task metric is the judge; the agreement floor guards against a broken
+graph. It is 95 % for int8 because near-tie samples flip both ways: MiniLM+Lily on SST-2 (80 %
+accurate) quantized to Q/DQ INT8 measured 95.6-96.3 % agreement on 1,000 dev rows with an
+accuracy change of -0.3 to +0.4 points.
 
 A candidate's precision is its ONNX metadata ``lily_deploy.precision`` if present, else read off
 the graph (Q/DQ nodes: int8; fp16 initializers or casts: fp16), else an engine's build report.
@@ -71,7 +76,7 @@ DEFAULT_TOLERANCES = {
     "fp32": Tolerance({"*": 1e-4}, 100.0, 0.0, 1e-4),
     "fp16": Tolerance({}, 99.0, 0.5, 1e-2),
     "bf16": Tolerance({}, 98.0, 1.0, 5e-2),
-    "int8": Tolerance({}, 97.0, 1.0, 5e-2),
+    "int8": Tolerance({}, 95.0, 1.0, 5e-2),
 }
 
 
@@ -819,6 +824,10 @@ def _invariance(cand: Candidate, ref: _Reference, samples: Samples, routing: Opt
     return Invariance(len(idx), diff, flips, ref_diff, required, passed, note)
 
 
+def _routing_words(routing: Optional[str]) -> str:
+    return "no dynamic Lily layers" if routing == "none" else f"{routing or 'sample'} routing"
+
+
 def _judge(res: CandidateResult, tol: Tolerance, metric: str) -> None:
     for name in (res.batches[0].outputs if res.batches else {}):
         limit = tol.atol_for(name)
@@ -845,7 +854,7 @@ def _judge(res: CandidateResult, tol: Tolerance, metric: str) -> None:
     if inv is not None and inv.max_abs is not None:
         if inv.required:
             res.checks.append(Check("batch invariance", inv.max_abs, tol.invariance_atol, inv.passed,
-                                    f"batch invariance ({res.routing or 'sample'} routing): max |d| "
+                                    f"batch invariance ({_routing_words(res.routing)}): max |d| "
                                     f"{inv.max_abs:.2e} {'<=' if inv.passed else '>'} {tol.invariance_atol:g}"))
         else:
             res.checks.append(Check("batch invariance", inv.max_abs, None, None,

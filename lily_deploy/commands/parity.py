@@ -26,7 +26,7 @@ def _tolerances(ctx, param, values):
 @click.option("--atol-stat", type=click.Choice(["max", "mean", "p99"]), default="max", show_default=True,
               help="Statistic of |candidate - reference| held to --atol.")
 @click.option("--min-agreement", multiple=True, callback=_tolerances, metavar="[PREC:]PCT",
-              help="Top-1 agreement floor in percent (default fp32 100, fp16 99, bf16 98, int8 97).")
+              help="Top-1 agreement floor in percent (default fp32 100, fp16 99, bf16 98, int8 95).")
 @click.option("--max-metric-drop", multiple=True, callback=_tolerances, metavar="[PREC:]POINTS",
               help="Largest metric drop in points (default fp32 0, fp16 0.5, bf16 1, int8 1).")
 @click.option("--invariance-atol", multiple=True, callback=_tolerances, metavar="[PREC:]TOL",
