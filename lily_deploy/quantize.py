@@ -28,6 +28,8 @@ PRECISIONS = ("int8", "fp16")
 DEFAULT_CALIB_SIZE = 256
 DEFAULT_VAL_SIZE = 1000
 DEFAULT_MAX_DROP = 1.0
+DEFAULT_MIN_SQNR = None
+SQNR_KEY = "int8 input SQNR below --min-sqnr"
 OUTPUT_NAME = "logits"
 _LARGE = 1_800_000_000  # above this, weights go to an external .data file (protobuf's 2 GB limit)
 
@@ -90,6 +92,9 @@ class QuantizeResult:
     calib_rows: int = 0
     kept_fp32: dict = field(default_factory=dict)  # reason -> node names
     int8_matmuls: int = 0
+    sqnr: dict = field(default_factory=dict)  # int8 MatMul -> SQNR (dB) of its activation inputs, first pass
+    min_sqnr: Optional[float] = None
+    int8_target: str = "tensorrt"
     validation: Optional[Validation] = None
     written: bool = False
     notes: list[str] = field(default_factory=list)
@@ -102,9 +107,18 @@ class QuantizeResult:
     def table(self) -> str:
         lines = []
         if self.precision == "int8":
-            lines.append(f"int8 Q/DQ: symmetric int8 activations, per-channel int8 weights, float biases; "
+            form = ("symmetric int8 activations (for TensorRT)" if self.int8_target == "tensorrt" else
+                    "asymmetric uint8 activations (for onnxruntime on x86; TensorRT rejects it)")
+            lines.append(f"int8 Q/DQ: {form}, per-channel int8 weights, float biases; "
                          f"{self.method} calibration on {self.calib_rows} rows of {self.calib}")
             lines.append(f"  {self.int8_matmuls} MatMul/Gemm nodes run int8")
+            if self.sqnr:
+                worst = sorted(self.sqnr.items(), key=lambda kv: kv[1])[:5]
+                lines.append("  lossiest int8 inputs (SQNR on the calibration rows): "
+                             + ", ".join(f"{n} {db:.1f} dB" for n, db in worst))
+                if self.min_sqnr is not None:
+                    lines.append(f"  --min-sqnr {self.min_sqnr:g} dB: {len(self.kept_fp32.get(SQNR_KEY, []))} "
+                                 "MatMul/Gemm kept fp32")
         else:
             lines.append("fp16: fp16 weights and activations, fp32 inputs and outputs")
         if self.adapter_layers:
@@ -261,6 +275,8 @@ def quantize(
     exclude_nodes: Sequence[str] = (),
     exclude_op_types: Sequence[str] = (),
     keep_sensitive: bool = True,
+    min_sqnr: Optional[float] = DEFAULT_MIN_SQNR,
+    int8_target: str = "tensorrt",
     tokenizer: Optional[str] = None,
     model: Optional[str] = None,
     text_column: Optional[str] = None,
@@ -276,7 +292,12 @@ def quantize(
     default, rows of ``calib`` that calibration did not use. The file is written only when the
     accuracy drop is within ``max_accuracy_drop`` points (or with ``keep_on_failure``); the
     result carries the validation either way. ``adapter_precision`` (default: ``precision``)
-    says whether the adapter's LP/router/HP MatMuls follow the model or stay fp32.
+    says whether the adapter's LP/router/HP MatMuls follow the model or stay fp32. ``min_sqnr``
+    (int8): MatMul/Gemm nodes whose activation input loses more than this to int8 on the
+    calibration rows (signal-to-quantization-noise ratio in dB) are re-quantized as fp32.
+    ``int8_target``: "tensorrt" (symmetric int8 activations, what TensorRT builds) or
+    "onnxruntime" (asymmetric uint8 activations, what onnxruntime's x86 int8 kernels run fast;
+    TensorRT rejects it).
     ``cache_dir``: "default" (``~/.cache/lily-deploy/calib``), a folder, or None for no cache.
     """
     started = time.perf_counter()
@@ -297,6 +318,10 @@ def quantize(
         if calib is None:
             raise LilyDeployError("--int8 needs calibration data: --calib FILE (TSV/CSV/JSONL, image folder or .npz)")
         qdq.calibration_method(calib_method)  # validates the name early
+        if int8_target not in qdq.INT8_TARGETS:
+            raise LilyDeployError(f"--int8-target {int8_target!r}: choose {' or '.join(qdq.INT8_TARGETS)}")
+    if min_sqnr is not None and precision != "int8":
+        raise LilyDeployError("--min-sqnr is for --int8 (--fp16 keeps sensitive ops fp32 by op type)")
     if max_accuracy_drop < 0:
         raise LilyDeployError(f"--max-accuracy-drop {max_accuracy_drop}: must be >= 0 (points)")
     if calib is None and val is None:
@@ -318,21 +343,19 @@ def quantize(
             tok_cache["t"] = resolve_tokenizer(tokenizer, model, meta.get("lily_deploy.base_model"), str(model_path))
         return tok_cache["t"]
 
-    def needs_tokenizer(path) -> bool:
-        p = Path(path)
-        return p.is_file() and p.suffix.lower() != ".npz"
-
     common = dict(specs=specs, seed=seed, batch_size=batch_size, max_length=max_length, text_column=text_column,
                   label_column=label_column, cache_dir=cache_dir, progress=progress)
-    result = QuantizeResult(output, precision, adapter_precision, 0, method=calib_method if precision == "int8" else None)
+    result = QuantizeResult(output, precision, adapter_precision, 0, method=calib_method if precision == "int8" else None,
+                            int8_target=int8_target)
     calib_set = None
     if precision == "int8":
         calib_set = load_calibration(calib, size=calib_size, strict=strict, flag="--calib",
-                                     tokenizer=get_tokenizer() if needs_tokenizer(calib) else None, **common)
+                                     uniform_length=calib_method != "minmax",
+                                     tokenizer=get_tokenizer, **common)
         result.calib, result.calib_rows = Path(calib).name, len(calib_set)
     if val is not None:
         val_set = load_calibration(val, size=val_size, strict=False, flag="--val", warn_short=False,
-                                   tokenizer=get_tokenizer() if needs_tokenizer(val) else None, **common)
+                                   tokenizer=get_tokenizer, **common)
         val_source = f"{len(val_set)} rows of {Path(val).name}"
     else:
         used = calib_set.rows if calib_set is not None else []
@@ -345,7 +368,7 @@ def quantize(
             val_set, val_source = calib_set, f"the {len(calib_set)} calibration rows of {Path(calib).name}"
         else:
             val_set = load_calibration(calib, size=val_size, strict=False, flag="--calib", exclude_rows=used,
-                                       warn_short=False, tokenizer=get_tokenizer() if needs_tokenizer(calib) else None,
+                                       warn_short=False, tokenizer=get_tokenizer,
                                        **common)
             kind = "held-out " if used else ""
             val_source = f"{len(val_set)} {kind}rows of {Path(calib).name}"
@@ -362,9 +385,16 @@ def quantize(
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     try:
         if precision == "int8":
-            raw = tmpdir / "quantized.onnx"
-            qdq.quantize_int8(inlined, calib_set.reader(), calib_method, plan, str(raw))
+            raw, ranges = tmpdir / "quantized.onnx", tmpdir / "ranges.json"
+            qdq.quantize_int8(inlined, calib_set.reader(), calib_method, plan, str(raw), str(ranges), int8_target)
             converted = _load_onnx(raw)
+            result.sqnr = qdq.activation_sqnr(inlined, converted, calib_set.batches)
+            result.min_sqnr = min_sqnr
+            lossy = sorted(n for n, db in result.sqnr.items() if min_sqnr is not None and db < min_sqnr)
+            if lossy:  # second pass: the same calibrated ranges, the lossy nodes left fp32
+                plan.kept_fp32[SQNR_KEY] = lossy
+                qdq.quantize_int8(inlined, None, calib_method, plan, str(raw), str(ranges), int8_target)
+                converted = _load_onnx(raw)
             counts = qdq.count_quantized(converted)
             result.int8_matmuls = len(counts["int8_matmuls"])
             if not counts["int8_matmuls"]:
@@ -383,9 +413,11 @@ def quantize(
             "source_onnx_sha256": sha256_file(model_path),
         }
         if precision == "int8":
-            info.update({"activations": "int8 symmetric per-tensor", "weights": "int8 symmetric per-channel",
+            info.update({"target": int8_target, "activations": qdq.ACTIVATION_FORM[int8_target],
+                         "weights": "int8 symmetric per-channel",
                          "bias": "float", "calib_method": calib_method, "calib_data": str(Path(calib).name),
-                         "calib_rows": len(calib_set), "calib_seed": seed, "int8_matmuls": result.int8_matmuls})
+                         "calib_rows": len(calib_set), "calib_seed": seed, "int8_matmuls": result.int8_matmuls,
+                         "min_sqnr_db": min_sqnr, "input_sqnr_db": result.sqnr})
         new_meta = {**meta, "lily_deploy.precision": precision, "lily_deploy.quantization": info,
                     "lily_deploy.excluded_nodes": plan.excluded()}
         _set_metadata(converted, new_meta)

@@ -47,6 +47,12 @@ def _size(ctx, param, value):
               help="Nodes kept fp32 (names after inlining, e.g. node_linear_1 or node_hp_mix/mixed).")
 @click.option("--exclude-op-types", multiple=True, callback=_names, metavar="TYPE,...",
               help="Op types kept fp32, e.g. Gemm.")
+@click.option("--int8-target", type=click.Choice(["tensorrt", "onnxruntime"]), default="tensorrt", show_default=True,
+              help="tensorrt: symmetric int8 activations (zero point 0), the form TensorRT builds; onnxruntime: "
+                   "asymmetric uint8 activations, the form onnxruntime's x86 int8 kernels run fast.")
+@click.option("--min-sqnr", type=float, default=None, metavar="DB",
+              help="--int8: keep fp32 every MatMul/Gemm whose input loses more than this to int8 on the "
+                   "calibration rows (signal-to-quantization-noise ratio, dB; e.g. 20).")
 @click.option("--no-keep-sensitive", is_flag=True,
               help="--fp16: convert softmax, reductions and layer norm to fp16 too (default: kept fp32).")
 @click.option("--tokenizer", default=None, metavar="DIR",
@@ -60,7 +66,8 @@ def _size(ctx, param, value):
 @click.option("--keep-on-failure", is_flag=True, help="Write the file even when validation fails.")
 @data_column_options
 def command(onnx_file, output, precision, calib, calib_method, calib_size, seed, batch_size, max_length, val, val_size,
-            max_accuracy_drop, adapter_precision, exclude_nodes, exclude_op_types, no_keep_sensitive, tokenizer,
+            max_accuracy_drop, adapter_precision, exclude_nodes, exclude_op_types, int8_target, min_sqnr,
+            no_keep_sensitive, tokenizer,
             source_model, cache_dir, no_cache, strict, keep_on_failure, text_column, label_column):
     """Write an FP16 or INT8 (Q/DQ) version of MODEL.onnx and validate it against MODEL.onnx.
 
@@ -88,6 +95,7 @@ def command(onnx_file, output, precision, calib, calib_method, calib_size, seed,
                           calib_size=calib_size, seed=seed, batch_size=batch_size, max_length=max_length, val=val,
                           val_size=val_size, max_accuracy_drop=max_accuracy_drop, adapter_precision=adapter_precision,
                           exclude_nodes=exclude_nodes, exclude_op_types=exclude_op_types,
+                          int8_target=int8_target, min_sqnr=min_sqnr,
                           keep_sensitive=not no_keep_sensitive, tokenizer=tokenizer, model=source_model,
                           text_column=text_column, label_column=label_column,
                           cache_dir=None if no_cache else (cache_dir or "default"), strict=strict,
