@@ -344,7 +344,7 @@ def init_distributed(device: Optional[str]) -> Dist:
     if device == "cuda" and world > 1:
         device = f"cuda:{local_rank}"
     dev = torch.device(device)
-    if dev.type == "cuda":
+    if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)
     if world > 1:
         import torch.distributed as dist
@@ -538,6 +538,9 @@ def finetune(
     ``batch_size`` is the global batch of one forward pass (split across DDP ranks); an optimizer
     step takes ``grad_accum`` of them. With ``routing="batch"`` under DDP each rank mixes over its
     local slice only (PEFT semantics per process); ``"sample"`` is batch-invariant.
+
+    ``_stop_after_step`` (raise KeyboardInterrupt after that step) and ``_nan_at_step`` (make that
+    step's loss NaN) are test hooks for the resume and divergence paths.
     """
     args = dict(locals())
     from .fileio import check_output_parent
@@ -654,10 +657,14 @@ def _run(a: dict, d: Dist, say: Callable[[str], None], out: Path, ckpt_path: Pat
         f"{a['lp_stride']}) vs LoRA adapter {lora_count:,} (r {lora_rank}); this run: {method} {adapter_n:,} "
         f"+ head {head_n:,} = {trainable_n:,}")
     if d.active:
-        note = ("each process mixes over its own local batch (about "
-                f"{batch_size // d.world} of the global {batch_size}), so results depend on the process count; "
-                "use --routing sample for batch-invariant training") if routing == "batch" and method == "lily" \
-            else "batch-invariant routing: same result as one process with the same global batch"
+        if method == "lora":
+            note = "LoRA has no router: same result as one process with the same global batch"
+        elif routing == "batch":
+            note = (f"each process mixes over its own local batch (about {batch_size // d.world} of the global "
+                    f"{batch_size}), so results depend on the process count; use --routing sample for "
+                    "batch-invariant training")
+        else:
+            note = "batch-invariant routing: same result as one process with the same global batch"
         say(f"DDP: {d.world} processes ({'nccl' if d.device.type == 'cuda' else 'gloo'}), routing {routing}: {note}")
 
     # ---- optimizer and schedule
@@ -870,6 +877,10 @@ def _run(a: dict, d: Dist, say: Callable[[str], None], out: Path, ckpt_path: Pat
                 checkpoint(done)
             if a["_stop_after_step"] is not None and done >= a["_stop_after_step"]:
                 raise KeyboardInterrupt(f"stopped after step {done} (test hook)")
+    except KeyboardInterrupt:
+        kept = f"checkpoint at step {last_ckpt[0]} in {ckpt_path}" if last_ckpt[0] is not None else "no checkpoint yet"
+        say(f"interrupted during step {step + 1}: {kept}; continue with --resume")
+        raise
     finally:
         bar.close()
         if log_file is not None:

@@ -62,14 +62,18 @@ def command(model, train, val, output, method, rank, lp_stride, num_hp, scale, t
     """
     from lily_deploy.finetune import finetune
 
-    result = finetune(
-        model, train, val, output, method=method, rank=rank, lp_stride=lp_stride, num_hp=num_hp, scale=scale,
-        targets=targets, lora_rank=lora_rank, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
-        grad_accum=grad_accum, lr=lr, weight_decay=weight_decay, warmup=warmup, max_grad_norm=max_grad_norm or None,
-        max_length=max_length, seed=seed, eval_every=eval_every, save_every=save_every, routing=routing,
-        train_size=train_size, val_size=val_size, device=device, resume=resume, overwrite=overwrite,
-        progress=not no_progress, text_column=text_column, label_column=label_column,
-    )
+    try:
+        result = finetune(
+            model, train, val, output, method=method, rank=rank, lp_stride=lp_stride, num_hp=num_hp, scale=scale,
+            targets=targets, lora_rank=lora_rank, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+            grad_accum=grad_accum, lr=lr, weight_decay=weight_decay, warmup=warmup,
+            max_grad_norm=max_grad_norm or None, max_length=max_length, seed=seed, eval_every=eval_every,
+            save_every=save_every, routing=routing, train_size=train_size, val_size=val_size, device=device,
+            resume=resume, overwrite=overwrite, progress=not no_progress, text_column=text_column,
+            label_column=label_column,
+        )
+    except KeyboardInterrupt:  # the library has said where the checkpoint is; it is kept on purpose
+        click.get_current_context().exit(130)
     if result.world_size == 1 or _is_main():
         acc = "-" if result.best_val_accuracy is None else f"{result.best_val_accuracy:.4f}"
         click.echo(f"{result.output_dir}: {result.method} adapter, best val accuracy {acc} at step "
