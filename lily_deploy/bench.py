@@ -385,7 +385,8 @@ class BenchReport:
 
     def _legend(self) -> str:
         s = self.settings
-        return (f"{s['threads']} threads{' on ' + s['cpu'] if s.get('cpu') else ''}; {s['warmup']} warm-up + "
+        threads = f"{s['threads']} thread{'s' if s['threads'] != 1 else ''}"
+        return (f"{threads}{' on ' + s['cpu'] if s.get('cpu') else ''}; {s['warmup']} warm-up + "
                 f"{s['iters']} interleaved iterations per runner and shape; x base = p50 / p50 of the base on the "
                 "same backend and shape; peak RSS: a fresh process with only that model, at the largest shape")
 

@@ -123,7 +123,8 @@ def make_tolerances(atol: Optional[dict] = None, min_agreement: Optional[dict] =
                        key=lambda kv: kv[0] is not None)
         for prec, value in pairs:
             if value < 0 or (hi is not None and value > hi):
-                raise LilyDeployError(f"{flag} {value}: must be between 0 and {hi}" if hi else f"{flag} {value}: must be >= 0")
+                bounds = f"between 0 and {hi:g}" if hi else ">= 0"
+                raise LilyDeployError(f"{flag} {value:g}: must be {bounds}")
             for p in ([prec] if prec else PRECISIONS):
                 setattr(out[p], attr, float(value))
     return out
@@ -791,7 +792,8 @@ def _invariance(cand: Candidate, ref: _Reference, samples: Samples, routing: Opt
                 tol: Tolerance) -> Invariance:
     required = (routing or "sample") in INVARIANCE_REQUIRED
     if cand.static_batch == 1:
-        return Invariance(0, None, 0, None, required, None, "not measured: the candidate's batch dimension is fixed at 1")
+        return Invariance(0, None, 0, None, required, None,
+                          "not measured: the candidate's batch dimension is fixed at 1")
     if cand.static_batch:
         k = cand.static_batch
     idx = _invariance_indices(samples, k)

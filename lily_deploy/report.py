@@ -149,7 +149,7 @@ def plot_bench(report: dict, path: str | os.PathLike) -> Optional[str]:
             rax.set_ylabel("p50 / p50 of base (same backend)")
     axes[0][-1].legend(fontsize=8, loc="upper left")
     s = report.get("settings", {})
-    fig.suptitle(f"lily-deploy bench: {s.get('threads')} threads, {s.get('iters')} interleaved iterations",
+    fig.suptitle(f"lily-deploy bench: {s.get('threads')} thread(s), {s.get('iters')} interleaved iterations",
                  fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)

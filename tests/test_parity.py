@@ -321,7 +321,8 @@ def test_routing_conflict_and_other_mistakes(tiny_roberta_adapter, exported, lab
     _assert_error(_cli("--reference", exported["sample"], "--candidate", exported["batch"]),
                   "the reference is the torch model")
     missing = tmp_path / "nope.onnx"
-    _assert_error(_cli("--reference", tiny_roberta_adapter, "--candidate", missing), f"--candidate {missing} does not exist")
+    _assert_error(_cli("--reference", tiny_roberta_adapter, "--candidate", missing),
+                  f"--candidate {missing} does not exist")
     junk = tmp_path / "junk.onnx"
     junk.write_text("not a model")
     _assert_error(_cli("--reference", tiny_roberta_adapter, "--candidate", junk), f"--candidate {junk}:")
@@ -355,7 +356,8 @@ def test_tolerance_precedence():
     assert tol["fp32"].atol_for("logits") == 1e-2 and tol["fp32"].atol_for("other") == 1e-3
     assert tol["int8"].atol_for("logits") == 0.5 and tol["int8"].atol_for("other") == 0.1
     assert tol["fp32"].min_agreement == 99.5 and tol["fp16"].min_agreement == 90
-    assert tol["int8"].max_metric_drop == 2 and tol["fp16"].max_metric_drop == DEFAULT_TOLERANCES["fp16"].max_metric_drop
+    assert tol["int8"].max_metric_drop == 2
+    assert tol["fp16"].max_metric_drop == DEFAULT_TOLERANCES["fp16"].max_metric_drop
     with pytest.raises(LilyDeployError, match="--min-agreement"):
         make_tolerances(min_agreement={"*": 120})
     with pytest.raises(LilyDeployError, match="'logits' is not a precision"):
