@@ -9,10 +9,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
-
+# OpenMP threads that spin-wait slow torch down by orders of magnitude when onnxruntime (or
+# anything else) shares the cores; must be set before torch starts its thread pool.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 
