@@ -35,9 +35,10 @@ QDQ_EXTRA_OPTIONS = {"ActivationSymmetric": True, "WeightSymmetric": True, "Quan
 INT8_TARGETS = ("tensorrt", "onnxruntime")
 ACTIVATION_FORM = {"tensorrt": "int8 symmetric per-tensor (zero point 0)", "onnxruntime": "uint8 asymmetric per-tensor"}
 CALIB_EXTRA_OPTIONS = {"percentile": {"CalibPercentile": 99.999}, "entropy": {}, "minmax": {}}
-# ops whose fp16 form loses accuracy (exp/sum over many terms, variance): kept fp32 in --fp16
+# ops whose fp16 form loses accuracy (exp and sums over many terms, variance; Pow/Sqrt/Reciprocal are a
+# decomposed layer norm's): kept fp32 in --fp16
 FP16_KEEP_OP_TYPES = ("Softmax", "LogSoftmax", "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2",
-                      "LayerNormalization", "SimplifiedLayerNormalization", "Pow", "Sqrt", "Reciprocal", "Erf")
+                      "LayerNormalization", "SimplifiedLayerNormalization", "Pow", "Sqrt", "Reciprocal")
 QUANTIZED_MARKERS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearMatMul",
                      "MatMulInteger", "QLinearConv", "ConvInteger", "MatMulNBits", "QGemm")
 PASS_THROUGH = ("Reshape", "Transpose", "Identity", "Cast", "Squeeze", "Unsqueeze", "Flatten")

@@ -128,7 +128,7 @@ class QuantizeResult:
                          "router softmax and mixing vector fp32")
         kept = ", ".join(f"{reason} {len(names)}" for reason, names in self.kept_fp32.items())
         if kept:
-            lines.append(f"  kept fp32: {kept} nodes")
+            lines.append(f"  kept fp32: {kept} nodes (every name in metadata lily_deploy.excluded_nodes)")
         sensitive = self.kept_fp32.get("numerically sensitive ops")
         if sensitive:
             lines.append(f"    sensitive ops kept fp32: {_abbrev(sensitive)}")
