@@ -65,6 +65,61 @@ def child(args) -> None:
     print(json.dumps(out))
 
 
+def speed(args) -> None:
+    """Both models in this one process, training steps timed alternately on the same batches.
+
+    Whole-run samples/s of two separate processes drifts with whatever else the machine runs;
+    alternating the two step by step exposes both to the same conditions. Median step time.
+    """
+    import statistics
+
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from lily_deploy.data import encode_batch, read_text_table
+    from lily_deploy.finetune import build_model
+    from lily_deploy.models import load_base
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device.startswith("cuda") or (args.device == "auto"
+                                                                      and torch.cuda.is_available()) else "cpu")
+    table_ = read_text_table(args.train, limit=args.batch_size * args.speed_batches)
+    torch.manual_seed(args.seed)
+    models = {}
+    for method in ("lily", "lora"):
+        base = load_base(args.model, task="seq-cls", num_labels=2)
+        built = build_model(base, method=method, rank=args.rank, lp_stride=args.lp_stride, num_hp=args.num_hp,
+                            scale=args.scale, targets=args.targets.split(","), routing=args.routing)
+        model = built.peft_model.to(device).train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        models[method] = (model, torch.optim.AdamW(params, lr=1e-4), params)
+    batches = [{k: v.to(device) for k, v in encode_batch(base, table_.texts[i:i + args.batch_size],
+                                                         args.max_length).items()}
+               for i in range(0, len(table_.texts), args.batch_size)]
+    labels = torch.zeros(args.batch_size, dtype=torch.long, device=device)
+    times: dict[str, list[float]] = {m: [] for m in models}
+
+    def step(method, batch):
+        model, opt, params = models[method]
+        loss = torch.nn.functional.cross_entropy(model(**batch).logits.float(), labels[:len(batch["input_ids"])])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for i, batch in enumerate(batches):
+        order = ("lily", "lora") if i % 2 == 0 else ("lora", "lily")
+        for method in order:
+            t0 = time.perf_counter()
+            step(method, batch)
+            if i >= 2:  # warm-up
+                times[method].append(time.perf_counter() - t0)
+    print(json.dumps({m: args.batch_size / statistics.median(t) for m, t in times.items()}))
+
+
 def run_method(method: str, args, workdir: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", method, "--out", str(workdir / method)]
     for key, value in vars(args).items():
@@ -86,9 +141,12 @@ def table(lily: dict, lora: dict) -> str:
         ("trainable params (adapter + head)", lambda r: r["trainable_params"], "{:,}"),
         ("  adapter params", lambda r: r["adapter_params"], "{:,}"),
         ("val accuracy (best)", lambda r: r["best_val_accuracy"], "{:.4f}"),
-        ("train samples/s", lambda r: r["samples_per_s"], "{:.1f}"),
+        ("train samples/s (whole run, own process)", lambda r: r["samples_per_s"], "{:.1f}"),
+        ("train samples/s (interleaved steps, median)", lambda r: r.get("step_samples_per_s", 0.0), "{:.1f}"),
         ("peak memory (MiB)", lambda r: r["peak_mib"], "{:.0f}"),
     ]
+    if "step_samples_per_s" not in lily:
+        rows = [r for r in rows if "interleaved" not in r[0]]
     lines = ["| | Lily | LoRA | Lily/LoRA |", "| --- | ---: | ---: | ---: |"]
     for name, get, fmt in rows:
         a, b = get(lily), get(lora)
@@ -122,10 +180,15 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--speed-batches", type=int, default=24,
+                   help="batches for the interleaved step timing of both models in one process (0: skip)")
     p.add_argument("--json", dest="json_out", default=None, help="also write both results to this JSON file")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.child == "speed":
+        speed(args)
+        return
     if args.child:
         args.method = args.child
         child(args)
@@ -135,6 +198,10 @@ def main() -> None:
             sys.exit(f"data {path} is not here (SST-2 lives in ../shared/data/sst2 beside the project)")
     with tempfile.TemporaryDirectory(prefix="finetune_compare.") as tmp:
         results = {m: run_method(m, args, Path(tmp)) for m in ("lily", "lora")}
+        if args.speed_batches:
+            steps = run_method("speed", args, Path(tmp))
+            for m in ("lily", "lora"):
+                results[m]["step_samples_per_s"] = steps[m]
     lily, lora = results["lily"], results["lora"]
     print(f"\nMiniLM ({args.model}) on SST-2: {args.steps} steps x batch {args.batch_size}, train subset "
           f"{args.train_size}, val subset {args.val_size}, max length {args.max_length}, seed {args.seed}, "

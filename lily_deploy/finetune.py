@@ -475,6 +475,54 @@ def save_adapter(out: Path, model, sidecar: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# ---------------------------------------------------------------- the model
+@dataclass
+class BuiltModel:
+    """A PEFT model ready to train, and how its adapter was sized."""
+
+    peft_model: Any
+    head: str
+    targets: list[str]
+    adapted: list[str]
+    lily_params: int  # Lily's adapter count at the given rank/num_hp/stride
+    lora_rank: int  # the LoRA rank matched to it (or the one asked for)
+    lora_params: int
+
+
+def build_model(base, method: str = "lily", rank: int = 16, lp_stride: int = 2, num_hp: int = 4,
+                scale: float = 1.0, targets: Optional[Sequence[str]] = None, lora_rank: Optional[int] = None,
+                routing: str = "batch") -> BuiltModel:
+    """Wrap a loaded :class:`~lily_deploy.models.BaseModel` in PEFT's Lily (or the matched LoRA), head trainable.
+
+    Seed the global RNG first: the adapter's (and a new head's) initialisation draws from it.
+    """
+    from peft import get_peft_model
+
+    head = head_name(base.model)
+    targets, adapted = resolve_targets(base.model, targets, head, base.spec)
+    lily_count = lily_param_count(base.model, adapted, targets, rank, num_hp, lp_stride)
+    matched_rank, lora_count = lora_rank_for(base.model, adapted, lily_count)
+    if lora_rank:
+        matched_rank, lora_count = lora_rank, lora_rank * lora_rank_for(base.model, adapted, 0)[1]  # rank 1's count
+    task_type = "SEQ_CLS" if base.task == "seq-cls" else None
+    if method == "lily":
+        from peft import LilyConfig
+
+        config = LilyConfig(r=rank, stride_A=lp_stride, num_B=num_hp, scaling=scale, target_modules=targets,
+                            modules_to_save=[head], task_type=task_type)
+    else:
+        from peft import LoraConfig
+
+        config = LoraConfig(r=matched_rank, lora_alpha=2 * matched_rank, lora_dropout=0.0, target_modules=targets,
+                            modules_to_save=[head], task_type=task_type)
+    with warnings.catch_warnings():  # PEFT calls a transformers API deprecated in v5
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(base.model, config)
+    if method == "lily" and routing == "sample":
+        enable_sample_routing(peft_model)
+    return BuiltModel(peft_model, head, list(targets), adapted, lily_count, matched_rank, lora_count)
+
+
 # ---------------------------------------------------------------- the training run
 def _echo(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -598,6 +646,7 @@ def _run(a: dict, d: Dist, say: Callable[[str], None], out: Path, ckpt_path: Pat
 
     from .data import encode_batch
     from .models import load_base
+
     method, routing, seed = a["method"], a["routing"], a["seed"]
     batch_size, grad_accum = a["batch_size"], a["grad_accum"]
 
@@ -618,34 +667,10 @@ def _run(a: dict, d: Dist, say: Callable[[str], None], out: Path, ckpt_path: Pat
     base = load_base(a["model"], task=task, num_labels=len(label_map), labels=label_map.labels)
     if base.task != task:
         raise LilyDeployError(f"--model {a['model']}: a {base.task} model cannot learn {task} data")
-    head = head_name(base.model)
-    model_name = base.spec
-    targets, adapted = resolve_targets(base.model, a["targets"], head, model_name)
-    lily_count = lily_param_count(base.model, adapted, targets, a["rank"], a["num_hp"], a["lp_stride"])
-    lora_rank, lora_count = lora_rank_for(base.model, adapted, lily_count)
-    if a["lora_rank"]:
-        lora_rank = a["lora_rank"]
-        lora_count = lora_rank * sum(dict(base.model.named_modules())[n].in_features
-                                     + dict(base.model.named_modules())[n].out_features for n in adapted)
-
-    from peft import get_peft_model
-
-    task_type = "SEQ_CLS" if task == "seq-cls" else None
-    if method == "lily":
-        from peft import LilyConfig
-
-        config = LilyConfig(r=a["rank"], stride_A=a["lp_stride"], num_B=a["num_hp"], scaling=a["scale"],
-                            target_modules=targets, modules_to_save=[head], task_type=task_type)
-    else:
-        from peft import LoraConfig
-
-        config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=targets,
-                            modules_to_save=[head], task_type=task_type)
-    with warnings.catch_warnings():  # PEFT calls a transformers API deprecated in v5
-        warnings.simplefilter("ignore", FutureWarning)
-        peft_model = get_peft_model(base.model, config)
-    if routing == "sample":
-        enable_sample_routing(peft_model)
+    built = build_model(base, method=method, rank=a["rank"], lp_stride=a["lp_stride"], num_hp=a["num_hp"],
+                        scale=a["scale"], targets=a["targets"], lora_rank=a["lora_rank"], routing=routing)
+    peft_model, head, targets, adapted = built.peft_model, built.head, built.targets, built.adapted
+    lily_count, lora_rank, lora_count, model_name = built.lily_params, built.lora_rank, built.lora_params, base.spec
     peft_model.to(d.device)
     params = _trainable(peft_model)
     trainable_n = sum(p.numel() for p in params.values())

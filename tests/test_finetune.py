@@ -184,6 +184,10 @@ def test_lora_baseline_at_matched_count(tiny_bert_dir, toy, tmp_path):
     assert result.head_params == 32 * 2 + 2
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == result.lora_rank
+    fixed = finetune(str(tiny_bert_dir), toy["train"], None, tmp_path / "lora2", method="lora", lora_rank=2,
+                     max_steps=1, batch_size=16, **QUIET)
+    assert fixed.lora_rank == 2 and fixed.adapter_params == 2 * 8 * 64 and fixed.best_val_accuracy is None
+    assert (tmp_path / "lora2" / "adapter_model.safetensors").is_file()  # no --val: the last step is kept
 
 
 # ------------------------------------------------------------------ sample routing
