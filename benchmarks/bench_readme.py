@@ -60,8 +60,8 @@ def main(argv=None) -> int:
     adapter, folded = models / "adapter", models / "folded"
     onnx = {name: models / f"{name}.onnx" for name in ("base", "lily", "folded")}
     if args.rebuild or not all(p.exists() for p in [adapter, folded, *onnx.values()]):
-        from lily_deploy.export import export_onnx
-        from lily_deploy.fold import fold
+        from lily_deploy.onnx_export import export_onnx
+        from lily_deploy.folding import fold
 
         make_adapter(adapter)
         print("adapter: random-but-nonzero PEFT-Lily on MiniLM (r 32, 4 HPs, LP stride 2, query+value)", flush=True)

@@ -9,8 +9,8 @@ Steps (each stage that is not installed is skipped and said so, never faked):
    without it, a seeded random-but-nonzero PEFT-Lily adapter;
 2. fold (auto, calibration on train rows) -> a deploy checkpoint;
 3. export: the adapter with sample routing and with batch routing, and the folded checkpoint;
-4. quantize (``lily_deploy.quantize``): FP16 and INT8 (Q/DQ) from the sample-routing graph;
-5. build-trt (``lily_deploy.build_trt`` + TensorRT for RTX): an engine for sm89, ahead of time;
+4. quantize (``lily_deploy.precision``): FP16 and INT8 (Q/DQ) from the sample-routing graph;
+5. build-trt (``lily_deploy.trt_build`` + TensorRT for RTX): an engine for sm89, ahead of time;
 6. parity: the adapter (torch) vs the fp32/fp16/int8 graphs and the engine (skipped without a GPU),
    and the folded checkpoint vs its graph, on the first ``--rows`` rows of sst2/dev.tsv (1000: on
    200 rows a 1-point accuracy budget is 2 samples, and the same INT8 graph measured -2.0 points on
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
 
         # 2. fold
         t0 = time.perf_counter()
-        from lily_deploy.fold import fold
+        from lily_deploy.folding import fold
 
         folded = work / "folded"
         rep = fold(adapter, folded, calib=str(train), strategy="auto", size=64, batch_size=32, max_length=64,
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
 
         # 3. export
         t0 = time.perf_counter()
-        from lily_deploy.export import export_onnx
+        from lily_deploy.onnx_export import export_onnx
 
         graphs = {"lily.onnx": (adapter, "sample"), "lily_batch.onnx": (adapter, "batch"),
                   "folded.onnx": (folded, "sample")}
@@ -146,8 +146,8 @@ def main(argv=None) -> int:
         candidates = [work / "lily.onnx", work / "lily_batch.onnx"]
         # 4. quantize
         t0 = time.perf_counter()
-        if have("lily_deploy.quantize"):
-            from lily_deploy.quantize import quantize
+        if have("lily_deploy.precision"):
+            from lily_deploy.precision import quantize
 
             for prec in ("fp16", "int8"):
                 dst = work / f"lily.{prec}.onnx"
@@ -160,12 +160,12 @@ def main(argv=None) -> int:
                 candidates.append(dst)
             step("quantize")
         else:
-            notes.append("quantize: lily_deploy.quantize is not installed; no FP16/INT8 candidates")
+            notes.append("quantize: lily_deploy.precision is not installed; no FP16/INT8 candidates")
 
         # 5. build-trt
         t0 = time.perf_counter()
-        if have("lily_deploy.build_trt") and have("tensorrt_rtx"):
-            from lily_deploy.build_trt import build_engine
+        if have("lily_deploy.trt_build") and have("tensorrt_rtx"):
+            from lily_deploy.trt_build import build_engine
 
             engine = work / "lily.plan"
             build_engine(work / "lily.onnx", engine, backend="tensorrt-rtx", compute_capabilities=["sm89"],
@@ -175,11 +175,11 @@ def main(argv=None) -> int:
             candidates.append(engine)
             step("build-trt")
         else:
-            notes.append("build-trt: TensorRT for RTX (tensorrt_rtx) or lily_deploy.build_trt is not installed")
+            notes.append("build-trt: TensorRT for RTX (tensorrt_rtx) or lily_deploy.trt_build is not installed")
 
         # 6. parity
         t0 = time.perf_counter()
-        from lily_deploy.parity import run_parity
+        from lily_deploy.parity_check import run_parity
         from lily_deploy.report import write_reports
 
         runs = {"parity": (adapter, candidates), "parity-folded": (folded, [work / "folded.onnx"])}

@@ -83,8 +83,8 @@ def main() -> None:
     import numpy as np
     import onnxruntime as ort
 
-    from lily_deploy.export import export_onnx
-    from lily_deploy.fold import fold
+    from lily_deploy.onnx_export import export_onnx
+    from lily_deploy.folding import fold
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="lily-bench-"))
     work.mkdir(parents=True, exist_ok=True)

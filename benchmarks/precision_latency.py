@@ -2,7 +2,7 @@
 
     python benchmarks/precision_latency.py --fp32 model.onnx [--fp16 model.fp16.onnx] [--int8 model.int8.onnx]
 
-Graphs not given are made from --fp32 with ``lily_deploy.quantize`` (int8 calibrated on --calib,
+Graphs not given are made from --fp32 with ``lily_deploy.precision`` (int8 calibrated on --calib,
 default ../shared/data/sst2/dev.tsv) into --workdir. Inputs are full-length sequences (random
 token ids, attention mask all ones; random normal floats for float inputs) at each batch size.
 Sessions use --threads intra-op threads and ORT_ENABLE_EXTENDED (or --opt-level all), the level
@@ -81,7 +81,7 @@ def session(path: Path, threads: int, level: str, int8_allowed: bool = False):
     so.graph_optimization_level = {"extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
                                    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
     so.log_severity_level = 3
-    if int8_allowed:  # x86: fuse S8S8 Q/DQ MatMuls into int8 kernels (off by default, see lily_deploy.quantize)
+    if int8_allowed:  # x86: fuse S8S8 Q/DQ MatMuls into int8 kernels (off by default, see lily_deploy.precision)
         so.add_session_config_entry("session.qdqisint8allowed", "1")
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
@@ -96,7 +96,7 @@ def ensure_graphs(args) -> dict[str, Path]:
         if given:
             graphs[name] = Path(given)
             continue
-        from lily_deploy.quantize import quantize
+        from lily_deploy.precision import quantize
 
         work.mkdir(parents=True, exist_ok=True)
         out = work / f"{Path(args.fp32).stem}.{name}.onnx"
@@ -140,7 +140,7 @@ def _q(values, q):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--fp32", required=True, help="the fp32 ONNX (an export)")
-    p.add_argument("--fp16", default=None, help="its fp16 graph (default: made with lily_deploy.quantize)")
+    p.add_argument("--fp16", default=None, help="its fp16 graph (default: made with lily_deploy.precision)")
     p.add_argument("--int8", default=None, help="its int8 Q/DQ graph, TensorRT form (default: made here)")
     p.add_argument("--int8-ort", default=None, help="its int8 Q/DQ graph, onnxruntime form (default: made here)")
     p.add_argument("--calib", default=str(ROOT.parent / "shared" / "data" / "sst2" / "dev.tsv"),

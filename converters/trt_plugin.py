@@ -283,7 +283,7 @@ def probe_python_plugins(module_name: str, timeout: float = 120.0) -> Optional[s
 
 
 def register_plugin(backend, probe: bool = True) -> None:
-    """Register the ``lily::HPMix`` creator with ``backend`` (a :class:`lily_deploy.build_trt.Backend`)."""
+    """Register the ``lily::HPMix`` creator with ``backend`` (a :class:`lily_deploy.trt_build.Backend`)."""
     from lily_deploy.errors import LilyDeployError
 
     module_name = backend.trt.__name__

@@ -139,7 +139,7 @@ def _cuda() -> bool:
 def _torch_runner(m: BenchModel, backend: str, routing: Optional[str], base: Optional[str]) -> Runner:
     import torch
 
-    from .export import open_model
+    from .onnx_export import open_model
 
     model = open_model(m.spec, base=base)
     model.eval()
@@ -299,7 +299,7 @@ def peak_memory(m: BenchModel, backend: str, threads: Optional[int], routing: Op
     job = {"label": m.label, "spec": m.spec, "kind": m.kind, "backend": backend, "threads": threads,
            "routing": routing, "base_model": base_model, "shape": shape}
     try:
-        proc = subprocess.run([sys.executable, "-m", "lily_deploy.bench", "--peak-worker", json.dumps(job)],
+        proc = subprocess.run([sys.executable, "-m", "lily_deploy.benchmark", "--peak-worker", json.dumps(job)],
                               capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
     except subprocess.TimeoutExpired:
         return None, f"the memory probe took over {timeout:.0f} s"

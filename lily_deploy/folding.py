@@ -245,7 +245,7 @@ def calibration_batches(model, calib: Optional[str], size: int, batch_size: int,
     if calib is None:
         if not random_inputs:
             raise LilyDeployError("fold needs calibration data: --calib FILE (or --random-inputs)")
-        from .export import example_inputs
+        from .onnx_export import example_inputs
 
         g = torch.Generator().manual_seed(seed)
         batches = []

@@ -365,7 +365,7 @@ def open_onnx(path: Path, flag: str = "--candidate", threads: Optional[int] = No
         raise LilyDeployError(f"{flag} {path}: not a readable ONNX file ({str(exc).splitlines()[0][:200]})") from None
     meta = {p.key: p.value for p in model.metadata_props}
     precision, why = detect_precision(model)
-    from .bench import ort_session
+    from .benchmark import ort_session
 
     session = ort_session(path, threads, flag=flag)
     inputs = {i.name: _NP_TYPES.get(i.type) for i in session.get_inputs()}
@@ -449,7 +449,7 @@ def _engine_runner(path: Path, cand: Candidate):
 
 
 def open_torch_candidate(path: Path, base: Optional[str]) -> Candidate:
-    from .export import open_model
+    from .onnx_export import open_model
 
     from .deploy import DEPLOY_CONFIG
 
@@ -926,7 +926,7 @@ def _run_parity(reference, candidates, data, metric, tolerances, batch_sizes, ro
 
     from converters.hpmix import DYNAMIC_MODES
 
-    from .export import open_model
+    from .onnx_export import open_model
 
     started = time.perf_counter()
     if not candidates:

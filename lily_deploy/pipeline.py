@@ -137,7 +137,7 @@ def quickstart(
     # 3. fold (auto, within 0.1 point on the validation data)
     stage("fold")
     if not p.done("fold", p.folded / "deploy_config.json"):
-        from .fold import fold
+        from .folding import fold
 
         t = time.time()
         report = fold(p.adapter, p.folded, calib=val, strategy="auto", max_metric_drop=0.1, size=calib_size,
@@ -152,7 +152,7 @@ def quickstart(
     # 4. export (the folded checkpoint; dynamic layers as lily::HPMix) and the base model for ratios
     stage("export")
     if not p.done("export", p.onnx, p.base_onnx):
-        from .export import export_onnx
+        from .onnx_export import export_onnx
 
         t = time.time()
         result = export_onnx(p.folded, p.onnx, routing="sample", data=val)
@@ -166,7 +166,7 @@ def quickstart(
     # 5. quantize (int8 Q/DQ, calibrated on training rows, validated on the validation set)
     stage("quantize")
     if not p.done("quantize", p.int8):
-        from .quantize import quantize
+        from .precision import quantize
 
         t = time.time()
         q = quantize(p.onnx, p.int8, precision="int8", calib=train, calib_size=calib_size, val=val,
@@ -179,7 +179,7 @@ def quickstart(
     stage("build-trt")
     engine_note = None
     if engine and not p.done("build-trt", p.engine):
-        from .build_trt import build_engine, load_backend
+        from .trt_build import build_engine, load_backend
 
         try:
             load_backend("auto")
@@ -199,7 +199,7 @@ def quickstart(
     # 7. parity: the exported artifacts against the torch model they were exported from (the folded
     #    checkpoint; what folding itself changed was measured by the fold stage)
     stage("parity")
-    from .parity import run_parity
+    from .parity_check import run_parity
     from .report import write_reports
 
     candidates = [p.onnx, p.int8] + ([p.engine] if p.engine.exists() else [])
@@ -212,7 +212,7 @@ def quickstart(
     bench_json = None
     if bench:
         stage("bench")
-        from .bench import run_bench
+        from .benchmark import run_bench
 
         result = run_bench([str(p.base_onnx), str(p.onnx), str(p.int8)], batch_sizes=[1, 8], seq_lens=[128],
                            base=[str(p.base_onnx)], backends=["onnxruntime"], warmup=3, iters=15, progress=progress)

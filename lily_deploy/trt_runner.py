@@ -15,7 +15,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from .build_trt import (INSTALL, PRETTY, Backend, _make_logger, cuda_available, load_backend, read_report,
+from .trt_build import (INSTALL, PRETTY, Backend, _make_logger, cuda_available, load_backend, read_report,
                         rtx_supports, rtx_targets)
 from .errors import LilyDeployError
 

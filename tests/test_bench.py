@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
-from lily_deploy.bench import parse_model, run_bench
+from lily_deploy.benchmark import parse_model, run_bench
 from lily_deploy.cli import cli
 from lily_deploy.errors import LilyDeployError
 
@@ -19,7 +19,7 @@ FAST = dict(batch_sizes=(1, 2), seq_lens=(8, 16), warmup=1, iters=4, threads=1, 
 
 @pytest.fixture(scope="module")
 def lily_onnx(tiny_roberta_adapter, tmp_path_factory):
-    from lily_deploy.export import export_onnx
+    from lily_deploy.onnx_export import export_onnx
 
     path = tmp_path_factory.mktemp("bench") / "lily.onnx"
     export_onnx(tiny_roberta_adapter, path, routing="sample")

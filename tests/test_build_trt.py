@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from lily_deploy import build_trt
-from lily_deploy.build_trt import (build_engine, load_onnx, onnx_io, parse_shape_spec, parse_size,
+from lily_deploy import trt_build as build_trt
+from lily_deploy.trt_build import (build_engine, load_onnx, onnx_io, parse_shape_spec, parse_size,
                                    precision_summary, report_path, resolve_profiles)
 from lily_deploy.cli import cli
 from lily_deploy.errors import LilyDeployError
@@ -47,9 +47,9 @@ needs_any_trt = pytest.mark.skipif(not (HAS_RTX or HAS_TRT), reason="neither Ten
 
 def _export_onnx():
     try:
-        from lily_deploy.export import export_onnx
+        from lily_deploy.onnx_export import export_onnx
     except ImportError as exc:
-        pytest.skip(f"lily_deploy.export is not available yet ({exc})")
+        pytest.skip(f"lily_deploy.onnx_export is not available yet ({exc})")
     return export_onnx
 
 
@@ -66,9 +66,9 @@ def lily_onnx(minilm_adapter, tmp_path_factory) -> Path:
 def folded_onnx(minilm_adapter, tmp_path_factory) -> Path:
     """The same model with every Lily layer folded into the base weights (no lily::HPMix left)."""
     try:
-        from lily_deploy.fold import fold
+        from lily_deploy.folding import fold
     except ImportError as exc:
-        pytest.skip(f"lily_deploy.fold is not available yet ({exc})")
+        pytest.skip(f"lily_deploy.folding is not available yet ({exc})")
     d = tmp_path_factory.mktemp("trt_folded")
     fold(minilm_adapter, d / "ckpt", strategy="all", random_inputs=True, size=8, batch_size=8, progress=False)
     out = d / "folded.onnx"
@@ -242,7 +242,7 @@ def test_default_profiles_from_dynamic_axes(tmp_path):
 
 
 def test_profiles_share_named_dims_and_several_profiles():
-    from lily_deploy.build_trt import TensorSpec
+    from lily_deploy.trt_build import TensorSpec
 
     inputs = [TensorSpec("input_ids", ["batch", "sequence"], "int64"),
               TensorSpec("attention_mask", ["batch", "sequence"], "int64")]
@@ -266,7 +266,7 @@ def test_profiles_share_named_dims_and_several_profiles():
     (dict(shapes=["input_ids:1x8,attention_mask:1x9"]), "different sizes"),
 ])
 def test_profile_inconsistencies_are_user_errors(kwargs, message):
-    from lily_deploy.build_trt import TensorSpec
+    from lily_deploy.trt_build import TensorSpec
 
     inputs = [TensorSpec("input_ids", ["batch", "sequence"], "int64"),
               TensorSpec("attention_mask", ["batch", "sequence"], "int64")]
@@ -275,7 +275,7 @@ def test_profile_inconsistencies_are_user_errors(kwargs, message):
 
 
 def test_fixed_dim_and_unknown_dynamic_axis():
-    from lily_deploy.build_trt import TensorSpec
+    from lily_deploy.trt_build import TensorSpec
 
     pix = [TensorSpec("pixel_values", ["batch", 3, 224, 224], "float32")]
     with pytest.raises(LilyDeployError, match="fixed at 3"):
@@ -302,7 +302,7 @@ def test_precision_summary_counts(lily_onnx, int8_onnx, fp16_onnx):
 @needs_rtx
 def test_rtx_targets_exclude_hopper():
     """Seen on an H200: TensorRT-RTX 1.7 builds for 'current' there, but the engine cannot run (sm90)."""
-    from lily_deploy.build_trt import load_backend, rtx_supports, rtx_targets
+    from lily_deploy.trt_build import load_backend, rtx_supports, rtx_targets
 
     be = load_backend("tensorrt-rtx")
     assert "sm89" in rtx_targets(be) and rtx_supports(be, "SM89")
@@ -661,7 +661,7 @@ def _gpu_engine(onnx_path, tmp_path, **kw):
     if backend == "tensorrt-rtx":
         import torch
 
-        from lily_deploy.build_trt import load_backend, rtx_supports
+        from lily_deploy.trt_build import load_backend, rtx_supports
 
         cc = "sm%d%d" % torch.cuda.get_device_capability()
         if not rtx_supports(load_backend("tensorrt-rtx"), cc):

@@ -15,7 +15,7 @@ from conftest import SENTENCES
 from converters.hpmix import DOMAIN, OP_TYPE
 from lily_deploy.cli import cli
 from lily_deploy.deploy import load_model
-from lily_deploy.export import export_onnx
+from lily_deploy.onnx_export import export_onnx
 
 ALLOWED_BODY_OPS = {"Softmax", "Shape", "Constant", "Concat", "Reshape", "Unsqueeze", "Mul", "MatMul", "ReduceMean",
                     "ReduceSum", "CastLike", "Max", "Div"}

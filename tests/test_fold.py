@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from conftest import SENTENCES, data_file
 from lily_deploy.cli import cli
 from lily_deploy.deploy import load_model, save_deploy
-from lily_deploy.export import export_onnx
-from lily_deploy.fold import fold
+from lily_deploy.onnx_export import export_onnx
+from lily_deploy.folding import fold
 
 
 def _batch(model, texts=SENTENCES):

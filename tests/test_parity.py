@@ -18,7 +18,7 @@ from onnx import TensorProto, helper
 from conftest import SENTENCES, data_file
 from lily_deploy.cli import cli
 from lily_deploy.errors import LilyDeployError
-from lily_deploy.parity import (DEFAULT_TOLERANCES, detect_precision, make_tolerances, metric_value, output_stats,
+from lily_deploy.parity_check import (DEFAULT_TOLERANCES, detect_precision, make_tolerances, metric_value, output_stats,
                                 run_parity)
 
 TEXTS = SENTENCES + ["not bad at all", "it 's a mess", "one of the year 's most intriguing explorations",
@@ -47,7 +47,7 @@ def labelled(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(tiny_roberta_adapter, tmp_path_factory):
     """fp32 exports of the tiny RoBERTa+Lily in sample and batch routing, plus FP16 and INT8 graphs."""
-    from lily_deploy.export import export_onnx
+    from lily_deploy.onnx_export import export_onnx
 
     out = tmp_path_factory.mktemp("parity")
     paths = {}
@@ -74,7 +74,7 @@ def _int8(src, dst, adapter):
     import onnx.inliner
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    from lily_deploy.export import open_model
+    from lily_deploy.onnx_export import open_model
 
     model = onnx.inliner.inline_local_functions(onnx.load(str(src)))
     del model.functions[:]

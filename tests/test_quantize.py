@@ -83,7 +83,7 @@ def trained_adapter(minilm_adapter, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def fp32_onnx(trained_adapter, tmp_path_factory) -> Path:
-    from lily_deploy.export import export_onnx
+    from lily_deploy.onnx_export import export_onnx
 
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
     assert export_onnx(trained_adapter, path).passed
@@ -194,7 +194,7 @@ def test_int8_graph_is_tensorrt_form(int8_run, fp32_onnx):
 
 
 def test_int8_adapter_fp32_exclusions_sqnr_and_onnxruntime_form(fp32_onnx, sst2_slice, cache_dir, tmp_path):
-    from lily_deploy.quantize import SQNR_KEY, quantize
+    from lily_deploy.precision import SQNR_KEY, quantize
 
     out = tmp_path / "m.onnx"
     r = quantize(fp32_onnx, out, "int8", calib=sst2_slice, calib_size=16, val_size=16, adapter_precision="fp32",

@@ -1,11 +1,11 @@
-"""``lily-deploy bench``: a thin layer over :func:`lily_deploy.bench.run_bench`."""
+"""``lily-deploy bench``: a thin layer over :func:`lily_deploy.benchmark.run_bench`."""
 import click
 
 from .options import int_list
 
 
 def _backends(ctx, param, value):
-    from lily_deploy.bench import BACKENDS
+    from lily_deploy.benchmark import BACKENDS
 
     if value is None:
         return None
@@ -56,7 +56,7 @@ def command(models, batch_sizes, seq_lens, threads, warmup, iters, backends, bas
     """
     import json
 
-    from lily_deploy.bench import run_bench
+    from lily_deploy.benchmark import run_bench
 
     report = run_bench(models, batch_sizes=batch_sizes, seq_lens=seq_lens, threads=threads, warmup=warmup,
                        iters=iters, backends=backends, base=base, routing=routing, base_model=base_model,

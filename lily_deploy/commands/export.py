@@ -34,7 +34,7 @@ def command(model, output, routing, ops, opset, dynamic, external_data, task, no
     Output:  logits
     """
     from lily_deploy.errors import LilyDeployError
-    from lily_deploy.export import export_onnx
+    from lily_deploy.onnx_export import export_onnx
 
     tolerances = parse_tolerances(atol, "--atol")
     axes = [a.strip() for a in dynamic.split(",") if a.strip()]

@@ -1,4 +1,4 @@
-"""``lily-deploy parity``: a thin layer over :func:`lily_deploy.parity.run_parity`."""
+"""``lily-deploy parity``: a thin layer over :func:`lily_deploy.parity_check.run_parity`."""
 import click
 
 from .options import base_option, data_column_options, int_list, parse_tolerances
@@ -61,7 +61,7 @@ def command(ctx, reference, candidates, data, metric, atol, atol_stat, min_agree
     """
     import json
 
-    from lily_deploy.parity import make_tolerances, run_parity
+    from lily_deploy.parity_check import make_tolerances, run_parity
 
     tolerances = make_tolerances(atol, min_agreement, max_metric_drop, invariance_atol, atol_stat)
     report = run_parity(reference, candidates, data=data, metric=metric, tolerances=tolerances,

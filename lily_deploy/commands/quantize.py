@@ -1,4 +1,4 @@
-"""``lily-deploy quantize``: a thin layer over :func:`lily_deploy.quantize.quantize`."""
+"""``lily-deploy quantize``: a thin layer over :func:`lily_deploy.precision.quantize`."""
 import click
 
 from .options import data_column_options
@@ -83,7 +83,7 @@ def command(onnx_file, output, precision, calib, calib_method, calib_size, seed,
 
     from calib.readers import CalibrationWarning
     from lily_deploy.errors import LilyDeployError
-    from lily_deploy.quantize import quantize
+    from lily_deploy.precision import quantize
 
     if precision is None:
         raise click.UsageError("choose --int8 or --fp16")
