@@ -5,7 +5,11 @@ Each method trains in its own fresh process (so peak memory is its own), through
 to Lily's on the same target layers. Prints one table (trainable parameters, best validation
 accuracy, training samples/s, peak memory) with the ratio Lily/LoRA.
 
-    python benchmarks/finetune_compare.py --steps 300 --train-size 9600 --val-size 1000
+    python benchmarks/finetune_compare.py --steps 120 --train-size 3840 --val-size 872 --quiet
+
+Throughput is given twice: over each whole run (own process, so it drifts with whatever else
+the machine runs) and as the median of training steps of both models timed alternately in one
+process on the same batches (``--speed-batches``), the fair ratio on a shared machine.
 
 Peak memory: on CPU the peak RSS of the training process minus its RSS before ``finetune``
 (model load, data, activations, optimizer); on CUDA ``torch.cuda.max_memory_allocated``.
