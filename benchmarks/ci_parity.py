@@ -5,7 +5,7 @@ then ``parity`` on a fixed slice of ``../shared/data/sst2/dev.tsv``. Exit 1 on a
     python benchmarks/ci_parity.py --out out/ci --keep   # also keep the models in out/ci/work
 
 Steps (each stage that is not installed is skipped and said so, never faked):
-1. adapter: a few fine-tuning steps on sst2/train.tsv (``lily_deploy.finetune``, sample routing), or,
+1. adapter: a few fine-tuning steps on sst2/train.tsv (``lily_deploy.training``, sample routing), or,
    without it, a seeded random-but-nonzero PEFT-Lily adapter;
 2. fold (auto, calibration on train rows) -> a deploy checkpoint;
 3. export: the adapter with sample routing and with batch routing, and the folded checkpoint;
@@ -107,8 +107,8 @@ def main(argv=None) -> int:
         # 1. adapter
         t0 = time.perf_counter()
         adapter = work / "adapter"
-        if args.finetune_steps > 0 and have("lily_deploy.finetune"):
-            from lily_deploy.finetune import finetune
+        if args.finetune_steps > 0 and have("lily_deploy.training"):
+            from lily_deploy.training import finetune
 
             res = finetune("minilm", train, None, adapter, rank=8, num_hp=4, lp_stride=2, scale=1.0,
                            targets=["query", "value"], max_steps=args.finetune_steps, batch_size=16, lr=1e-2,

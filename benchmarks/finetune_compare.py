@@ -1,7 +1,7 @@
 """Lily vs LoRA at a matched trainable-parameter count: MiniLM on SST-2, same steps, seed and data.
 
 Each method trains in its own fresh process (so peak memory is its own), through the same
-``lily_deploy.finetune.finetune`` loop; LoRA's rank is the one whose parameter count is closest
+``lily_deploy.training.finetune`` loop; LoRA's rank is the one whose parameter count is closest
 to Lily's on the same target layers. Prints one table (trainable parameters, best validation
 accuracy, training samples/s, peak memory) with the ratio Lily/LoRA.
 
@@ -42,7 +42,7 @@ def child(args) -> None:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from lily_deploy.finetune import finetune
+    from lily_deploy.training import finetune
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -81,7 +81,7 @@ def speed(args) -> None:
 
     sys.path.insert(0, str(ROOT))
     from lily_deploy.data import encode_batch, read_text_table
-    from lily_deploy.finetune import build_model
+    from lily_deploy.training import build_model
     from lily_deploy.models import load_base
 
     if args.threads:

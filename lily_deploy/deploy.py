@@ -125,7 +125,8 @@ def load_model(path: str | Path, base: Optional[str] = None, mode: Optional[str]
         model = load_deploy(path)
     elif is_adapter_dir(path):
         peft_model, base_model, info = load_adapter(path, base=base)
-        model = from_peft(peft_model, base_model, info)
+        # an adapter trained with `finetune --routing sample` deploys with the routing it learned
+        model = from_peft(peft_model, base_model, info, mode=info.sidecar.get("routing") or "batch")
     elif not path.exists():
         raise LilyDeployError(f"{path} does not exist")
     else:

@@ -119,7 +119,7 @@ def quickstart(
     # 2. finetune (Lily, sample routing so training and deployment agree)
     stage("finetune")
     if not p.done("finetune", p.adapter / "adapter_config.json"):
-        from .finetune import finetune
+        from .training import finetune
 
         t = time.time()
         resume = (p.adapter / "checkpoints" / "last").exists()

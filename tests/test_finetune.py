@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from lily_deploy.cli import cli
 from lily_deploy.errors import LilyDeployError
-from lily_deploy.finetune import (abbreviate, enable_sample_routing, finetune, lily_param_count, lora_rank_for,
+from lily_deploy.training import (abbreviate, enable_sample_routing, finetune, lily_param_count, lora_rank_for,
                                   resolve_targets, split_for_rank)
 
 ROOT = Path(__file__).resolve().parents[1]
