@@ -28,19 +28,10 @@ warnings.filterwarnings("ignore")
 
 
 def make_adapter(out: Path, rank: int = 32, num_hp: int = 4, stride: int = 2) -> Path:
-    import torch
-    from peft import LilyConfig, get_peft_model
+    from lily_deploy.adapters import random_lily_adapter
 
-    from lily_deploy.models import load_base
-
-    torch.manual_seed(0)
-    base = load_base("minilm", task="seq-cls", num_labels=2, labels=["0", "1"])
-    cfg = LilyConfig(r=rank, num_B=num_hp, stride_A=stride, scaling=1.0, target_modules=["query", "value"],
-                     modules_to_save=["classifier"], task_type="SEQ_CLS", init_weights=False)
-    get_peft_model(base.model, cfg).save_pretrained(str(out))
-    (out / "lily_deploy.json").write_text(json.dumps({"base_model": "minilm", "task": "seq-cls",
-                                                      "labels": ["0", "1"]}))
-    return out
+    return random_lily_adapter("minilm", out, ["query", "value"], num_labels=2, rank=rank, num_hp=num_hp,
+                               lp_stride=stride, labels=["0", "1"])
 
 
 def main(argv=None) -> int:

@@ -52,19 +52,10 @@ def have(module: str) -> bool:
 
 def random_adapter(out: Path, seed: int = 0) -> Path:
     """A PEFT-Lily adapter on MiniLM with random non-zero HPs (as after training), seeded."""
-    import torch
-    from peft import LilyConfig, get_peft_model
+    from lily_deploy.adapters import random_lily_adapter
 
-    from lily_deploy.models import load_base
-
-    torch.manual_seed(seed)
-    base = load_base("minilm", task="seq-cls", num_labels=2, labels=["0", "1"])
-    cfg = LilyConfig(r=8, num_B=4, stride_A=2, scaling=1.0, target_modules=["query", "value"],
-                     modules_to_save=["classifier"], task_type="SEQ_CLS", init_weights=False)
-    get_peft_model(base.model, cfg).save_pretrained(str(out))
-    (out / "lily_deploy.json").write_text(json.dumps({"base_model": "minilm", "task": "seq-cls",
-                                                      "labels": ["0", "1"]}))
-    return out
+    return random_lily_adapter("minilm", out, ["query", "value"], num_labels=2, rank=8, num_hp=4, lp_stride=2,
+                               seed=seed, labels=["0", "1"])
 
 
 def main(argv=None) -> int:

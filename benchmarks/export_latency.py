@@ -23,20 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore")
 
 
-def make_adapter(out: Path, rank: int, num_hp: int, stride: int) -> Path:
-    import torch
-    from peft import LilyConfig, get_peft_model
-
-    from lily_deploy.models import load_base
-
-    torch.manual_seed(0)
-    base = load_base("minilm", num_labels=2)
-    cfg = LilyConfig(r=rank, num_B=num_hp, stride_A=stride, scaling=1.0, target_modules=["query", "value"],
-                     modules_to_save=["classifier"], task_type="SEQ_CLS", init_weights=False)
-    get_peft_model(base.model, cfg).save_pretrained(str(out))
-    return out
-
-
 def export_naive(adapter: Path, out: Path) -> Path:
     """The PEFT forward traced as is (Einsum and all), the way a user would export without lily-deploy."""
     import onnx
@@ -88,7 +74,10 @@ def main() -> None:
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="lily-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    adapter = args.adapter or make_adapter(work / "adapter", args.rank, args.num_hp, args.stride)
+    from lily_deploy.adapters import random_lily_adapter
+
+    adapter = args.adapter or random_lily_adapter("minilm", work / "adapter", ["query", "value"], num_labels=2,
+                                                  rank=args.rank, num_hp=args.num_hp, lp_stride=args.stride)
     print(f"building graphs in {work} ...", file=sys.stderr)
     paths = {
         "base": work / "base.onnx",

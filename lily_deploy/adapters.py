@@ -10,7 +10,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from torch import nn
 
@@ -148,3 +148,27 @@ def load_adapter(path: str | Path, base: Optional[str] = None) -> tuple[Any, Bas
         raise LilyDeployError(f"adapter {path}: PEFT could not load it ({str(exc).splitlines()[0]})") from None
     peft_model.eval()
     return peft_model, base_model, info
+
+
+def random_lily_adapter(base: str, out: str | Path, targets: Sequence[str], num_labels: Optional[int] = None,
+                        task: str = "seq-cls", rank: int = 8, num_hp: int = 3, lp_stride: int = 2,
+                        scale: float = 1.0, seed: int = 0, labels: Optional[Sequence[str]] = None) -> Path:
+    """Save a PEFT-Lily adapter with random non-zero HPs (as after training), seeded.
+
+    For latency measurements (which do not depend on the values) and tests; PEFT's own
+    initialisation would leave the HPs at zero, which hides the adapter's arithmetic.
+    """
+    import torch
+    from peft import LilyConfig, get_peft_model
+
+    from .models import TASK_TO_PEFT_TASK
+
+    torch.manual_seed(seed)
+    b = load_base(base, task=task, num_labels=num_labels, labels=list(labels) if labels else None)
+    cfg = LilyConfig(r=rank, stride_A=lp_stride, num_B=num_hp, scaling=scale, target_modules=list(targets),
+                     modules_to_save=["classifier"], task_type=TASK_TO_PEFT_TASK.get(task), init_weights=False)
+    out = Path(out)
+    get_peft_model(b.model, cfg).save_pretrained(str(out))
+    if labels:
+        (out / SIDECAR).write_text(json.dumps({"base_model": b.spec, "task": task, "labels": list(labels)}))
+    return out

@@ -208,7 +208,8 @@ def _trace(deploy, inputs: dict, dynamic: Sequence[str], opset: int, ops: str):
     return model
 
 
-def _set_metadata(model, meta: dict) -> None:
+def set_metadata(model, meta: dict) -> None:
+    """Replace the model's metadata_props (non-string values as sorted JSON) and stamp the producer."""
     del model.metadata_props[:]
     for key, value in meta.items():
         entry = model.metadata_props.add()
@@ -390,7 +391,7 @@ def export_onnx(
         "lily_deploy.lily": deploy.meta.get("lily"),
         **{f"lily_deploy.{k}": v for k, v in source_hashes(source, deploy).items()},
     }
-    _set_metadata(model, meta)
+    set_metadata(model, meta)
     try:
         onnx.checker.check_model(model, full_check=True)
     except onnx.checker.ValidationError as exc:

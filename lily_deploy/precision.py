@@ -22,6 +22,7 @@ from calib import qdq
 from calib.readers import CalibSet, default_cache_dir, load_calibration, onnx_input_specs, resolve_tokenizer
 
 from .errors import LilyDeployError
+from .onnx_export import set_metadata
 from .fileio import check_output_parent, sha256_file
 
 PRECISIONS = ("int8", "fp16")
@@ -160,14 +161,6 @@ def _load_onnx(path: Path):
 
 def _metadata(model) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
-
-
-def _set_metadata(model, meta: dict) -> None:
-    del model.metadata_props[:]
-    for key, value in meta.items():
-        entry = model.metadata_props.add()
-        entry.key = key
-        entry.value = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
 def _labels_from_meta(meta: dict) -> Optional[list[str]]:
@@ -420,13 +413,13 @@ def quantize(
                          "min_sqnr_db": min_sqnr, "input_sqnr_db": result.sqnr})
         new_meta = {**meta, "lily_deploy.precision": precision, "lily_deploy.quantization": info,
                     "lily_deploy.excluded_nodes": plan.excluded()}
-        _set_metadata(converted, new_meta)
+        set_metadata(converted, new_meta)
         staged = tmpdir / output.name
         _save(converted, staged)
         result.validation = validate(model_path, staged, val_set, precision, _labels_from_meta(meta),
                                      max_accuracy_drop, val_source, progress)
         info["validation"] = result.validation.to_json()
-        _set_metadata(converted, {**new_meta, "lily_deploy.quantization": info})
+        set_metadata(converted, {**new_meta, "lily_deploy.quantization": info})
         _save(converted, staged)
         if result.passed or keep_on_failure:
             data_file = tmpdir / (output.name + ".data")

@@ -32,18 +32,11 @@ def data_file(*parts: str) -> Path:
 def make_lily_adapter(base: str, out: Path, targets, num_labels=None, task_type="SEQ_CLS", r=8, num_b=3,
                       stride=2, scale=0.5, seed=0) -> Path:
     """Save a PEFT-Lily adapter with random non-zero HPs (as after training) onto ``base``."""
-    from peft import LilyConfig, get_peft_model
+    from lily_deploy.adapters import random_lily_adapter
 
-    from lily_deploy.models import load_base
-
-    torch.manual_seed(seed)
     task = {"SEQ_CLS": "seq-cls", None: "image-cls"}[task_type]
-    b = load_base(base, task=task, num_labels=num_labels)
-    cfg = LilyConfig(r=r, stride_A=stride, num_B=num_b, scaling=scale, target_modules=list(targets),
-                     modules_to_save=["classifier"], task_type=task_type, init_weights=False)
-    model = get_peft_model(b.model, cfg)
-    model.save_pretrained(str(out))
-    return out
+    return random_lily_adapter(base, out, targets, num_labels=num_labels, task=task, rank=r, num_hp=num_b,
+                               lp_stride=stride, scale=scale, seed=seed)
 
 
 @pytest.fixture(scope="session")
