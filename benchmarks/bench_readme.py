@@ -14,7 +14,6 @@ them all, interleaved::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import subprocess

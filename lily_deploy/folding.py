@@ -8,7 +8,6 @@ metric on the calibration data and each layer's output error stay within budget.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional

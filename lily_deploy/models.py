@@ -5,7 +5,6 @@ Nothing here touches the network: weights come from a local folder, from the
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field

@@ -352,7 +352,7 @@ def export_onnx(
     deploy = copy.deepcopy(deploy) if deploy.layers else deploy
     deploy.set_routing(routing)
     notes = []
-    folded = fold_static_layers(deploy)
+    fold_static_layers(deploy)
     n_dynamic = len(deploy.layers)
     if n_dynamic == 0 and not deploy.folded:
         notes.append("the model has no Lily layers: exported as a plain model")

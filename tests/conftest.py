@@ -29,6 +29,16 @@ def data_file(*parts: str) -> Path:
     return path
 
 
+def build_rtx_engine(onnx_path: Path, engine: Path) -> dict:
+    """Build ``onnx_path`` with TensorRT for RTX for sm89 through the project's builder (skip if absent)."""
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT for RTX is not installed (pip install tensorrt-rtx-cu12)")
+    from lily_deploy.trt_build import build_engine
+
+    report = build_engine(onnx_path, engine, backend="tensorrt-rtx", compute_capabilities=["sm89"], progress=False)
+    assert engine.is_file() and report["engine"]["bytes"] > 1_000_000
+    return report.data
+
+
 def make_lily_adapter(base: str, out: Path, targets, num_labels=None, task_type="SEQ_CLS", r=8, num_b=3,
                       stride=2, scale=0.5, seed=0) -> Path:
     """Save a PEFT-Lily adapter with random non-zero HPs (as after training) onto ``base``."""

@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import SENTENCES
+from conftest import SENTENCES, build_rtx_engine
 from converters.hpmix import DOMAIN, OP_TYPE
 from lily_deploy.cli import cli
 from lily_deploy.deploy import load_model
@@ -125,22 +125,9 @@ def test_tiny_vit_and_biased_roberta_export(tiny_vit_adapter, tiny_roberta_adapt
             assert np.abs(_run(_session(tmp_path / "rob.onnx"), batch) - model.logits(**batch).numpy()).max() <= 1e-4
 
 
-def test_function_body_graph_builds_with_tensorrt_rtx(minilm_exports):
-    trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT for RTX is not installed (pip install tensorrt-rtx-cu12)")
-    logger = trt.Logger(trt.Logger.ERROR)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    assert parser.parse_from_file(str(minilm_exports["sample"])), [parser.get_error(i).desc() for i in range(parser.num_errors)]
-    config = builder.create_builder_config()
-    config.num_compute_capabilities = 1
-    config.set_compute_capability(trt.ComputeCapability.SM89, 0)
-    profile = builder.create_optimization_profile()
-    for i in range(network.num_inputs):
-        profile.set_shape(network.get_input(i).name, (1, 1), (4, 64), (8, 128))
-    config.add_optimization_profile(profile)
-    engine = builder.build_serialized_network(network, config)
-    assert engine is not None and engine.nbytes > 1_000_000
+def test_function_body_graph_builds_with_tensorrt_rtx(minilm_exports, tmp_path):
+    report = build_rtx_engine(minilm_exports["sample"], tmp_path / "sample.plan")
+    assert report["onnx"]["routing"] == "sample"
 
 
 # ---- bad input ----------------------------------------------------------------------------------

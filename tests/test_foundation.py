@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from conftest import SENTENCES, data_file, make_lily_adapter
+from conftest import SENTENCES, data_file
 from lily_deploy.adapters import load_adapter
 from lily_deploy.cli import cli
 from lily_deploy.deploy import from_peft, load_deploy, load_model, save_deploy

@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import data_file
+from conftest import build_rtx_engine, data_file
 from lily_deploy.cli import cli
 
 CALIB_ROWS = 48
@@ -262,28 +262,12 @@ def test_fp16_end_to_end_accuracy(fp16_run):
 # ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("which", ["int8", "fp16"])
-def test_quantized_graphs_build_with_tensorrt_rtx(which, int8_run, fp16_run):
-    trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT for RTX (pip install tensorrt-rtx-cu12) is not installed")
+def test_quantized_graphs_build_with_tensorrt_rtx(which, int8_run, fp16_run, tmp_path):
     _, out = {"int8": int8_run, "fp16": fp16_run}[which]
     assert out.is_file()
-    logger = trt.Logger(trt.Logger.ERROR)
-    builder = trt.Builder(logger)
-    flags = 0
-    if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
-        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    ok = parser.parse_from_file(str(out))
-    assert ok, [parser.get_error(i).desc() for i in range(parser.num_errors)]
-    config = builder.create_builder_config()
-    config.num_compute_capabilities = 1
-    config.set_compute_capability(trt.ComputeCapability.SM89, 0)
-    profile = builder.create_optimization_profile()
-    for i in range(network.num_inputs):
-        profile.set_shape(network.get_input(i).name, (1, 1), (4, 64), (8, 128))
-    config.add_optimization_profile(profile)
-    engine = builder.build_serialized_network(network, config)
-    assert engine is not None and engine.nbytes > 1_000_000
+    report = build_rtx_engine(out, tmp_path / f"{which}.plan")
+    precision = report["precision"]  # the builder reads the graph's precision the same way
+    assert (precision["quantize_linear"] > 0) if which == "int8" else ("fp16" in precision["label"])
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """Option types and decorators shared by several commands."""
 from __future__ import annotations
 
-import functools
 
 import click
 
