@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .errors import LilyDeployError
-from .lily import HPPool, LilyLinear, RoutingContext, check_mode, lily_layers
+from .lily import HPPool, LilyLinear, RoutingContext, check_mode, lily_layers, set_routing
 
 DEPLOY_CONFIG = "deploy_config.json"
 WEIGHTS = "model.safetensors"
@@ -77,10 +77,8 @@ class LilyDeployModel(nn.Module):
         return out if isinstance(out, torch.Tensor) else out.logits
 
     def set_routing(self, mode: str) -> None:
-        check_mode(mode)
-        for layer in self.layers.values():
-            if layer.mode != "static":
-                layer.mode = mode
+        """Route every dynamic layer by ``mode``; static layers keep their frozen vector."""
+        set_routing(self.model, mode)
 
 
 def from_peft(peft_model: Any, base, info=None, mode: str = "batch") -> LilyDeployModel:

@@ -24,7 +24,7 @@ from torch import nn
 from converters.hpmix import DYNAMIC_MODES, attach_function_bodies, hpmix_nodes, onnx_translation
 
 from .errors import LilyDeployError
-from .fileio import check_output_parent, sha256_dir, sha256_file
+from .fileio import check_output_parent, sha256_dir
 
 import logging
 
@@ -413,7 +413,3 @@ def export_onnx(
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return result
-
-
-def onnx_sha256(path: str | Path) -> str:
-    return sha256_file(path)
