@@ -27,7 +27,7 @@ warnings.filterwarnings("ignore")
 
 
 def make_adapter(out: Path, rank: int = 32, num_hp: int = 4, stride: int = 2) -> Path:
-    from lily_deploy.adapters import random_lily_adapter
+    from lily_deploy.core.adapters import random_lily_adapter
 
     return random_lily_adapter("minilm", out, ["query", "value"], num_labels=2, rank=rank, num_hp=num_hp,
                                lp_stride=stride, labels=["0", "1"])

@@ -51,7 +51,7 @@ def have(module: str) -> bool:
 
 def random_adapter(out: Path, seed: int = 0) -> Path:
     """A PEFT-Lily adapter on MiniLM with random non-zero HPs (as after training), seeded."""
-    from lily_deploy.adapters import random_lily_adapter
+    from lily_deploy.core.adapters import random_lily_adapter
 
     return random_lily_adapter("minilm", out, ["query", "value"], num_labels=2, rank=8, num_hp=4, lp_stride=2,
                                seed=seed, labels=["0", "1"])
@@ -74,8 +74,8 @@ def main(argv=None) -> int:
         return 0
     import torch
 
-    from lily_deploy.errors import LilyDeployError
-    from lily_deploy.fileio import write_json
+    from lily_deploy.core.errors import LilyDeployError
+    from lily_deploy.core.fileio import write_json
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

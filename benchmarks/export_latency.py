@@ -27,7 +27,7 @@ def export_naive(adapter: Path, out: Path) -> Path:
     import onnx
     import torch
 
-    from lily_deploy.adapters import load_adapter
+    from lily_deploy.core.adapters import load_adapter
 
     peft_model, base, _ = load_adapter(adapter)
 
@@ -73,7 +73,7 @@ def main() -> None:
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="lily-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    from lily_deploy.adapters import random_lily_adapter
+    from lily_deploy.core.adapters import random_lily_adapter
 
     adapter = args.adapter or random_lily_adapter("minilm", work / "adapter", ["query", "value"], num_labels=2,
                                                   rank=args.rank, num_hp=args.num_hp, lp_stride=args.stride)

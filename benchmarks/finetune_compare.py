@@ -80,9 +80,9 @@ def speed(args) -> None:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from lily_deploy.data import encode_batch, read_text_table
+    from lily_deploy.core.data import encode_batch, read_text_table
     from lily_deploy.training import build_model
-    from lily_deploy.models import load_base
+    from lily_deploy.core.models import load_base
 
     if args.threads:
         torch.set_num_threads(args.threads)

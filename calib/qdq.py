@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from lily_deploy.errors import LilyDeployError
+from ..core.errors import LilyDeployError
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 QUANTIZED_OP_TYPES = ("MatMul", "Gemm")
@@ -117,7 +117,7 @@ def inline_functions(model):
     import onnx
     import onnx.inliner
 
-    from converters.hpmix import DOMAIN, OP_TYPE
+    from ..converters.hpmix import DOMAIN, OP_TYPE
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
     used = {n.name for n in model.graph.node if n.name}
@@ -190,7 +190,7 @@ def _unique(name: str, used: set) -> str:
 
 def strip_custom_domain(model) -> None:
     """Drop the custom-domain opset import when no node uses it any more."""
-    from converters.hpmix import DOMAIN
+    from ..converters.hpmix import DOMAIN
 
     if any(n.domain == DOMAIN for n in model.graph.node):
         return
@@ -361,8 +361,9 @@ def activation_sqnr(fp32_model, quantized_model, batches) -> dict[str, float]:
     """
     import numpy as np
     import onnx
-    import onnxruntime as ort
     from onnx import numpy_helper
+
+    from ..runtime.ort import ort_session
 
     acts = quantized_activations(quantized_model)
     scales = {t.name: numpy_helper.to_array(t) for t in quantized_model.graph.initializer}
@@ -374,10 +375,8 @@ def activation_sqnr(fp32_model, quantized_model, batches) -> dict[str, float]:
     for name in tensors:
         if name not in have:
             probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor observable
-    session = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    # optimisation off: keep every tensor observable
+    session = ort_session(probe.SerializeToString(), opt_level="disable")
     params = {}
     for pairs in acts.values():
         for x, s, z in pairs:

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-from lily_deploy.data import encode_batch, read_data
-from lily_deploy.errors import LilyDeployError
+from ..core.data import encode_batch, read_data
+from ..core.errors import LilyDeployError
 
 CACHE_FORMAT = "lily-deploy-calib/1"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
@@ -109,7 +109,7 @@ def _has_tokenizer_files(path: Path) -> bool:
 def _load_tokenizer(folder: Path, source: str) -> Tokenizer:
     import transformers
 
-    from lily_deploy.models import _quiet_transformers
+    from ..core.models import _quiet_transformers
 
     _quiet_transformers()
     try:
@@ -126,7 +126,7 @@ def _load_tokenizer(folder: Path, source: str) -> Tokenizer:
 
 
 def _base_folder(spec: str, where: str) -> Path:
-    from lily_deploy.models import resolve_base
+    from ..core.models import resolve_base
 
     try:
         kind, folder = resolve_base(spec)
@@ -145,7 +145,7 @@ def resolve_tokenizer(tokenizer: Optional[str] = None, model: Optional[str] = No
     deploy checkpoint or Hugging Face folder the ONNX was exported from: its own tokenizer
     files, else its base model's); ``base_model`` from the ONNX metadata.
     """
-    from lily_deploy.models import MINILM_NAMES
+    from ..core.models import MINILM_NAMES
 
     if tokenizer is not None:
         path = Path(tokenizer)
@@ -163,8 +163,8 @@ def resolve_tokenizer(tokenizer: Optional[str] = None, model: Optional[str] = No
                                   "Hugging Face folder the ONNX was exported from)")
         if _has_tokenizer_files(path):
             return _load_tokenizer(path, f"--model {model}")
-        from lily_deploy.adapters import is_adapter_dir, read_adapter
-        from lily_deploy.deploy import DEPLOY_CONFIG
+        from ..core.adapters import is_adapter_dir, read_adapter
+        from ..core.deploy import DEPLOY_CONFIG
 
         spec = None
         if is_adapter_dir(path):
@@ -249,7 +249,7 @@ def default_cache_dir() -> Path:
 
 def _data_fingerprint(path: Path) -> str:
     """Content hash of a data file; names, sizes and mtimes of an image folder's files."""
-    from lily_deploy.fileio import sha256_file
+    from ..core.fileio import sha256_file
 
     if path.is_file():
         return sha256_file(path)
@@ -446,7 +446,7 @@ def load_calibration(
             if kind == "npz":
                 batch = {s.name: np.ascontiguousarray(arrays[s.name][chunk]).astype(s.dtype, copy=False) for s in specs}
             elif kind == "image":
-                from lily_deploy.data import load_images
+                from ..core.data import load_images
 
                 files = [items[i] for i in chunk]
                 pixels = load_images(files, image_size).numpy().astype(specs[0].dtype, copy=False)
@@ -502,7 +502,7 @@ def _write_cache(file: Path, cs: CalibSet) -> None:
     """Write the batches atomically; a cache that cannot be written is skipped, not an error."""
     import numpy as np
 
-    from lily_deploy.fileio import atomic_file
+    from ..core.fileio import atomic_file
 
     arrays = {f"b{i}/{k}": v for i, b in enumerate(cs.batches) for k, v in b.items()}
     arrays["rows"] = np.asarray(cs.rows, dtype=np.int64)

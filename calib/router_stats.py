@@ -10,7 +10,7 @@ from typing import Iterable
 
 import torch
 
-from converters.hpmix import mixing_vectors
+from ..converters.hpmix import mixing_vectors
 
 
 def entropy(p: torch.Tensor) -> torch.Tensor:

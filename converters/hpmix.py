@@ -23,8 +23,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-MODES = ("batch", "sample", "token", "static")
-DYNAMIC_MODES = ("batch", "sample", "token")
+from .modes import DYNAMIC_MODES, MODES  # noqa: F401  (the op's modes, re-exported)
+
+
 DOMAIN = "lily"
 OP_TYPE = "HPMix"
 DOMAIN_VERSION = 1

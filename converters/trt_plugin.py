@@ -4,7 +4,7 @@ The default route needs none of this: TensorRT's ONNX parser inlines the model-l
 FunctionProto of every ``lily::HPMix`` node. With the plugin route, each node gets the
 attributes ``plugin_namespace``/``plugin_version``; the parser then hands it to the creator
 registered here, an ``IPluginV3`` whose CUDA implementation is torch
-(:func:`converters.hpmix.hp_mix_reference` on the plugin's device buffers, on TensorRT's
+(:func:`lily_deploy.converters.hpmix.hp_mix_reference` on the plugin's device buffers, on TensorRT's
 stream). The marked graph still runs in onnxruntime (which ignores the extra attributes and
 inlines the body), so the same file serves both.
 
@@ -263,13 +263,8 @@ def probe_python_plugins(module_name: str, timeout: float = 120.0) -> Optional[s
     """None when ``module_name`` can parse and build a Python-plugin node; else why not (one line)."""
     if module_name in _PROBED:
         return _PROBED[module_name]
-    code = f"from converters.trt_plugin import _probe; _probe({module_name!r})"
-    import os
-    from pathlib import Path
-
-    root = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
+    code = f"from lily_deploy.converters.trt_plugin import _probe; _probe({module_name!r})"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
     out = (proc.stdout + proc.stderr).strip().splitlines()
     if proc.returncode == 0 and out and out[-1] == "ok":
         why = None
@@ -283,8 +278,8 @@ def probe_python_plugins(module_name: str, timeout: float = 120.0) -> Optional[s
 
 
 def register_plugin(backend, probe: bool = True) -> None:
-    """Register the ``lily::HPMix`` creator with ``backend`` (a :class:`lily_deploy.trt_build.Backend`)."""
-    from lily_deploy.errors import LilyDeployError
+    """Register the ``lily::HPMix`` creator with ``backend`` (a :class:`lily_deploy.runtime.tensorrt.Backend`)."""
+    from ..core.errors import LilyDeployError
 
     module_name = backend.trt.__name__
     if module_name in _REGISTERED:

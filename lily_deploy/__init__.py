@@ -3,13 +3,13 @@
 The Python API mirrors the commands; each name is imported on first use, so
 ``import lily_deploy`` stays light and needs no optional back end::
 
-    from lily_deploy import finetune, fold, export, quantize, build_trt, parity, bench, inspect
+    from . import finetune, fold, export, quantize, build_trt, parity, bench, inspect
 """
 from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from .core import __version__  # noqa: F401
 
 # public name -> (module, attribute); the modules are named for what they hold, the API for the command
 _API = {

@@ -35,10 +35,10 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .errors import LilyDeployError
+from .core.errors import LilyDeployError
+from .runtime import ENGINE_SUFFIXES, Runner, cuda_available
 
 BACKENDS = ("torch", "torch-cuda", "onnxruntime", "onnxruntime-cuda", "tensorrt")
-ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
 DEFAULT_BATCH_SIZES = (1, 8, 32)
 DEFAULT_SEQ_LENS = (32, 128, 512)
 SCHEMA = 1
@@ -53,23 +53,6 @@ def _status_mib(key: str) -> Optional[float]:
     except (OSError, ValueError, IndexError):
         pass
     return None
-
-
-def ort_session(path: Path, threads: Optional[int] = None, providers: Sequence[str] = ("CPUExecutionProvider",),
-                flag: str = "--candidate"):
-    """An onnxruntime session whose idle threads sleep (so they do not steal the CPU from torch)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        so.intra_op_num_threads = int(threads)
-        so.inter_op_num_threads = 1
-    try:
-        return ort.InferenceSession(str(path), so, providers=list(providers))
-    except Exception as exc:  # onnxruntime's errors: unknown op, bad graph, missing .data
-        raise LilyDeployError(f"{flag} {path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:300]})") from None
 
 
 # --------------------------------------------------------------------------- models and runners
@@ -100,23 +83,34 @@ def parse_model(spec: str) -> BenchModel:
 
 
 @dataclass
-class Runner:
-    """One model on one backend: ``prepare(inputs)`` returns a zero-argument call that runs it once."""
+class BenchTarget:
+    """One model on one backend: its runtime :class:`~lily_deploy.runtime.Runner` plus what bench needs
+    to make inputs for it (task, vocabulary, image size, fixed axes) and its weight size."""
 
     model: BenchModel
-    backend: str
-    input_names: list[str]
-    prepare: Callable[[dict[str, np.ndarray]], Callable[[], None]]
+    backend: str  # one of BACKENDS
+    runner: Runner
     task: str = "seq-cls"
     vocab: Optional[int] = None
     image_size: Optional[int] = None
     fixed: dict = field(default_factory=dict)  # input -> {axis: size} for fixed axes
     weights_mib: Optional[float] = None
-    cuda: bool = False
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.runner.input_names)
+
+    @property
+    def cuda(self) -> bool:
+        return self.backend in ("torch-cuda", "onnxruntime-cuda", "tensorrt")
 
     @property
     def name(self) -> str:
         return f"{self.model.label} ({self.backend})"
+
+    def prepare(self, inputs: dict[str, np.ndarray]) -> Callable[[], None]:
+        """A zero-argument call that runs the model once on ``inputs``."""
+        return self.runner.bind(inputs)
 
     def unsupported(self, batch: int, seq: Optional[int]) -> Optional[str]:
         for name, axes in self.fixed.items():
@@ -127,46 +121,19 @@ class Runner:
         return None
 
 
-def _cuda() -> bool:
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except Exception:
-        return False
-
-
-def _torch_runner(m: BenchModel, backend: str, routing: Optional[str], base: Optional[str]) -> Runner:
-    import torch
-
-    from .onnx_export import open_model
+def _torch_target(m: BenchModel, backend: str, routing: Optional[str], base: Optional[str]) -> BenchTarget:
+    from .core.deploy import open_model
+    from .runtime.torch_runner import TorchRunner
 
     model = open_model(m.spec, base=base)
     model.eval()
     if routing and model.layers:
         model.set_routing(routing)
-    cuda = backend == "torch-cuda"
-    if cuda:
-        model.cuda()
-    names = list(model.input_names)
+    runner = TorchRunner(model, m.label, "cuda" if backend == "torch-cuda" else "cpu")
     tensors = {id(t): t for t in list(model.model.parameters()) + list(model.model.buffers())}
     weights = sum(t.numel() * t.element_size() for t in tensors.values()) / 2 ** 20
-
-    def prepare(inputs):
-        feeds = {n: torch.from_numpy(inputs[n]) for n in names}
-        if cuda:
-            feeds = {n: t.cuda() for n, t in feeds.items()}
-
-        def call():
-            with torch.inference_mode():
-                model.logits(**feeds)
-            if cuda:
-                torch.cuda.synchronize()
-
-        return call
-
     vocab = getattr(getattr(model.model, "config", None), "vocab_size", None)
-    return Runner(m, backend, names, prepare, model.task, vocab, model.image_size, weights_mib=weights, cuda=cuda)
+    return BenchTarget(m, backend, runner, model.task, vocab, model.image_size, weights_mib=weights)
 
 
 def onnx_vocab(model) -> Optional[int]:
@@ -189,80 +156,50 @@ def onnx_weights_mib(model) -> float:
     return total / 2 ** 20
 
 
-def _ort_runner(m: BenchModel, backend: str, threads: Optional[int]) -> Runner:
-    import onnx
+def _ort_target(m: BenchModel, backend: str, threads: Optional[int]) -> BenchTarget:
+    from .runtime.onnx_io import load_onnx, metadata
+    from .runtime.ort import CPU, CUDA, OrtRunner
 
-    graph = onnx.load(m.spec, load_external_data=False)
-    meta = {p.key: p.value for p in graph.metadata_props}
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if backend == "onnxruntime-cuda" \
-        else ["CPUExecutionProvider"]
-    session = ort_session(Path(m.spec), threads, providers, flag="model")
-    types = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
-             "tensor(float16)": np.float16}
-    ins = session.get_inputs()
+    graph = load_onnx(m.spec, flag="model")
+    meta = metadata(graph)
+    runner = OrtRunner(m.spec, threads, CUDA if backend == "onnxruntime-cuda" else CPU, flag="model")
     fixed = {}
-    for i in ins:
-        axes = {k: d for k, d in enumerate(i.shape or []) if isinstance(d, int) and d > 0 and k < 2}
+    for name, shape in runner.input_shapes.items():
+        axes = {k: d for k, d in enumerate(shape) if isinstance(d, int) and d > 0 and k < 2}
         if axes:
-            fixed[i.name] = axes
-    names = [i.name for i in ins]
-    out_names = [o.name for o in session.get_outputs()]
-
-    def prepare(inputs):
-        missing = [n for n in names if n not in inputs]
-        if missing:
-            raise LilyDeployError(f"model {m.spec}: needs input {missing[0]!r}, which the other models do not take")
-        feeds = {i.name: np.ascontiguousarray(inputs[i.name].astype(types.get(i.type, np.int64), copy=False))
-                 for i in ins}
-
-        def call():
-            session.run(out_names, feeds)
-
-        return call
-
+            fixed[name] = axes
+    names = runner.input_names
     task = meta.get("lily_deploy.task", "image-cls" if "pixel_values" in names else "seq-cls").strip('"')
     size = None
     if "pixel_values" in names:
-        shape = next(i.shape for i in ins if i.name == "pixel_values")
+        shape = runner.input_shapes["pixel_values"]
         size = shape[-1] if isinstance(shape[-1], int) else None
-    return Runner(m, backend, names, prepare, task, onnx_vocab(graph), size, fixed,
-                  weights_mib=onnx_weights_mib(graph), cuda=backend == "onnxruntime-cuda")
+    return BenchTarget(m, backend, runner, task, onnx_vocab(graph), size, fixed, weights_mib=onnx_weights_mib(graph))
 
 
-def _engine_runner(m: BenchModel) -> Runner:
-    """TensorRT through ``lily_deploy.trt_runner`` (GPU only): device buffers, one stream, synchronised."""
-    from .trt_runner import load_runner
+def _engine_target(m: BenchModel) -> BenchTarget:
+    """TensorRT through the runtime layer (GPU only): device buffers, one stream, synchronised."""
+    from .runtime.tensorrt import TrtRunner
 
-    engine = load_runner(m.spec)
-    names = list(engine.input_names)
+    engine = TrtRunner(m.spec)
     fixed = {}
-    for n in names:  # a dimension whose min == max in every profile is fixed
+    for n in engine.input_names:  # a dimension whose min == max in every profile is fixed
         for axis in (0, 1):
             sizes = {p[n][0][axis] for p in engine.profiles if len(p[n][0]) > axis} | \
                     {p[n][2][axis] for p in engine.profiles if len(p[n][2]) > axis}
             if len(sizes) == 1:
                 fixed.setdefault(n, {})[axis] = sizes.pop()
-
-    def prepare(inputs):
-        feeds = {n: inputs[n] for n in names}
-
-        def call():
-            engine.infer(feeds, as_torch=True)
-
-        return call
-
-    task = "image-cls" if "pixel_values" in names else "seq-cls"
-    return Runner(m, "tensorrt", names, prepare, task, fixed=fixed,
-                  weights_mib=Path(m.spec).stat().st_size / 2 ** 20, cuda=True)
+    task = "image-cls" if "pixel_values" in engine.input_names else "seq-cls"
+    return BenchTarget(m, "tensorrt", engine, task, fixed=fixed, weights_mib=Path(m.spec).stat().st_size / 2 ** 20)
 
 
 def make_runner(m: BenchModel, backend: str, threads: Optional[int], routing: Optional[str],
-                base_model: Optional[str]) -> Runner:
+                base_model: Optional[str]) -> BenchTarget:
     if m.kind == "torch":
-        return _torch_runner(m, backend, routing, base_model)
+        return _torch_target(m, backend, routing, base_model)
     if m.kind == "onnx":
-        return _ort_runner(m, backend, threads)
-    return _engine_runner(m)
+        return _ort_target(m, backend, threads)
+    return _engine_target(m)
 
 
 def backends_for(m: BenchModel) -> list[str]:
@@ -272,20 +209,18 @@ def backends_for(m: BenchModel) -> list[str]:
 
 def unavailable(backend: str) -> Optional[str]:
     """Why ``backend`` cannot run here, or None."""
-    if backend in ("torch-cuda", "tensorrt") and not _cuda():
+    if backend in ("torch-cuda", "tensorrt") and not cuda_available():
         return "no CUDA GPU here"
     if backend == "onnxruntime-cuda":
         import onnxruntime as ort
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             return "onnxruntime has no CUDAExecutionProvider here (pip install 'lily-deploy[gpu]')"
-        if not _cuda():
+        if not cuda_available():
             return "no CUDA GPU here"
     if backend == "tensorrt":
         import importlib.util
 
-        if importlib.util.find_spec("lily_deploy.trt_runner") is None:
-            return "lily_deploy.trt_runner is not installed"
         if not any(importlib.util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx")):
             return "no TensorRT is installed here"
     return None
@@ -416,7 +351,7 @@ def _percentile(values: Sequence[float], q: float) -> float:
 
 # --------------------------------------------------------------------------- the run
 
-def _inputs(runners: list[Runner], batch: int, seq: Optional[int], seed: int) -> dict[str, np.ndarray]:
+def _inputs(runners: list[BenchTarget], batch: int, seq: Optional[int], seed: int) -> dict[str, np.ndarray]:
     """The same inputs for every runner: random token ids (full attention) or random pixels."""
     rng = np.random.default_rng(seed + 1000 * batch + (seq or 0))
     if any(r.task == "image-cls" for r in runners):
@@ -494,7 +429,7 @@ def run_bench(
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     skipped: list[dict] = []
-    runners: list[Runner] = []
+    runners: list[BenchTarget] = []
     results: list[Measurement] = []
     notes: list[str] = []
     try:

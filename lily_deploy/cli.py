@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from .errors import LilyDeployError
+from .core.errors import LilyDeployError
 
 # command name -> (module under lily_deploy.commands, one-line help); order is the pipeline's
 COMMANDS = {

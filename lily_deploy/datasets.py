@@ -47,7 +47,7 @@ def review(rng: random.Random) -> tuple[str, str]:
 
 def write_reviews(folder: str | Path, n_train: int = 1200, n_val: int = 400, seed: int = 0) -> tuple[Path, Path]:
     """Write ``train.tsv`` and ``val.tsv`` (columns ``sentence``, ``label``) into ``folder``; no duplicates across them."""
-    from .fileio import atomic_file
+    from .core.fileio import atomic_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

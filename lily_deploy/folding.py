@@ -15,10 +15,10 @@ from typing import Iterable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from converters.hpmix import hp_mix_reference, mix_pool
+from .converters.hpmix import hp_mix_reference, mix_pool
 
-from .errors import LilyDeployError
-from .lily import LilyLinear
+from .core.errors import LilyDeployError
+from .core.lily import LilyLinear
 
 FOLD_CHOICES = ("auto", "all", "none")
 REPORT = "fold_report.json"
@@ -127,7 +127,7 @@ def evaluate(model, batches: list[dict], labels: Optional[list[int]], reference:
 
 def _apply(model, names: Iterable[str], means: dict[str, torch.Tensor]) -> dict:
     """Fold ``names`` in place; returns the replaced layers so the change can be undone."""
-    from converters.peft_lily import _set_module
+    from .core.peft_bridge import _set_module
 
     undo = {}
     for name in names:
@@ -141,7 +141,7 @@ def _apply(model, names: Iterable[str], means: dict[str, torch.Tensor]) -> dict:
 
 
 def _undo(model, undo: dict) -> None:
-    from converters.peft_lily import _set_module
+    from .core.peft_bridge import _set_module
 
     for name, layer in undo.items():
         _set_module(model.model, name, layer)
@@ -152,7 +152,7 @@ def fold_model(model, batches: list[dict], labels: Optional[list[int]], strategy
                max_metric_drop: float = 0.1, max_output_error: Optional[float] = None,
                routing: str = "sample", progress: bool = True) -> FoldReport:
     """Fold layers of a loaded deploy model in place and say why, layer by layer."""
-    from calib.router_stats import collect
+    from .calib.router_stats import collect
 
     if strategy not in FOLD_CHOICES:
         raise LilyDeployError(f"--fold {strategy!r}: choose one of {', '.join(FOLD_CHOICES)}")
@@ -237,9 +237,9 @@ def fold_model(model, batches: list[dict], labels: Optional[list[int]], strategy
 def calibration_batches(model, calib: Optional[str], size: int, batch_size: int, max_length: int,
                         text_column: Optional[str], label_column: Optional[str], random_inputs: bool, seed: int = 0):
     """Batches and label ids from a calibration file (or random inputs, when asked)."""
-    from calib.readers import select
+    from .calib.readers import select
 
-    from .data import encode_batch, model_label_map, read_data
+    from .core.data import encode_batch, model_label_map, read_data
 
     if calib is None:
         if not random_inputs:
@@ -274,8 +274,8 @@ def fold(source: str | Path, output: str | Path, calib: Optional[str] = None, st
          label_column: Optional[str] = None, random_inputs: bool = False, base: Optional[str] = None,
          progress: bool = True) -> FoldReport:
     """Fold ``source`` (adapter folder or deploy checkpoint) and write a deploy checkpoint to ``output``."""
-    from .deploy import load_model, save_deploy
-    from .fileio import check_output_parent
+    from .core.deploy import load_model, save_deploy
+    from .core.fileio import check_output_parent
 
     check_output_parent(output, "-o")
     model = load_model(source, base=base)
@@ -287,7 +287,7 @@ def fold(source: str | Path, output: str | Path, calib: Optional[str] = None, st
                "calibration": str(calib) if calib else "random inputs"}
     model.meta["fold"] = summary
     save_deploy(model, output, extra={"fold": summary})
-    from .fileio import write_json
+    from .core.fileio import write_json
 
     write_json(Path(output) / REPORT, report.to_json())
     return report

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from .deploy import load_model
+from .core.deploy import load_model
 
 
 def describe(path: str | Path, data: Optional[str] = None, base: Optional[str] = None, size: int = 256,
@@ -51,8 +51,8 @@ def describe(path: str | Path, data: Optional[str] = None, base: Optional[str] =
         "adapter": model.meta.get("adapter"),
     }
     if data is not None:
-        from calib.readers import torch_batches
-        from calib.router_stats import collect
+        from .calib.readers import torch_batches
+        from .calib.router_stats import collect
 
         batches = torch_batches(model, data, batch_size=batch_size, size=size, text_column=text_column)
         info["router_stats"] = collect(model, batches)

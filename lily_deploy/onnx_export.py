@@ -9,10 +9,7 @@ on onnxruntime before the file is put in place.
 from __future__ import annotations
 
 import copy
-import json
-import os
-import shutil
-import tempfile
+import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +18,11 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from converters.hpmix import DYNAMIC_MODES, attach_function_bodies, hpmix_nodes, onnx_translation
-
-from .errors import LilyDeployError
-from .fileio import check_output_parent, sha256_dir
-
-import logging
+from .converters.hpmix import DYNAMIC_MODES, attach_function_bodies, hpmix_nodes, onnx_translation
+from .core.deploy import open_model
+from .core.errors import LilyDeployError
+from .core.fileio import check_output_parent, sha256_dir
+from .runtime.onnx_io import set_metadata, staged_onnx
 
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
@@ -104,32 +100,9 @@ def _wrapper_dynamic_shapes(names, dynamic):
     return (_dynamic_shapes(names, dynamic),)
 
 
-def plain_deploy_model(spec: str):
-    """A base model with no Lily layers, wrapped so it exports and validates like a Lily model."""
-    from .deploy import LilyDeployModel
-    from .lily import RoutingContext
-    from .models import load_base
-
-    base = load_base(spec)
-    meta = {"base_model": base.spec, "base_kind": base.kind, "adapter": None, "lily": None, "labels": None}
-    return LilyDeployModel(base.model, RoutingContext(), base.task, {}, meta, tokenizer=base.tokenizer,
-                           image_size=base.image_size)
-
-
-def open_model(source: str | Path, base: Optional[str] = None):
-    """A deploy model from an adapter folder, a deploy checkpoint, or a plain base model."""
-    from .adapters import is_adapter_dir
-    from .deploy import DEPLOY_CONFIG, load_model
-
-    path = Path(str(source))
-    if (path / DEPLOY_CONFIG).is_file() or is_adapter_dir(path):
-        return load_model(path, base=base)
-    return plain_deploy_model(str(source))
-
-
 def fold_static_layers(deploy) -> int:
     """Replace every ``static`` LilyLinear by a plain Linear with the folded weight (in place)."""
-    from converters.peft_lily import _set_module
+    from .core.peft_bridge import _set_module
 
     n = 0
     for name, layer in list(deploy.layers.items()):
@@ -208,19 +181,6 @@ def _trace(deploy, inputs: dict, dynamic: Sequence[str], opset: int, ops: str):
     return model
 
 
-def set_metadata(model, meta: dict) -> None:
-    """Replace the model's metadata_props (non-string values as sorted JSON) and stamp the producer."""
-    del model.metadata_props[:]
-    for key, value in meta.items():
-        entry = model.metadata_props.add()
-        entry.key = key
-        entry.value = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-    model.producer_name = "lily-deploy"
-    from . import __version__
-
-    model.producer_version = __version__
-
-
 def source_hashes(source: str | Path, deploy) -> dict:
     path = Path(str(source))
     out = {}
@@ -230,24 +190,6 @@ def source_hashes(source: str | Path, deploy) -> dict:
     if adapter:
         out["adapter_sha256"] = adapter.get("sha256")
     return out
-
-
-def save_onnx(model, output: Path, external_data: bool) -> None:
-    """Write ``model`` (and its ``.data`` file) via a temporary folder, then rename into place."""
-    import onnx
-
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
-    try:
-        tmp = tmpdir / output.name
-        if external_data:
-            onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=output.name + ".data", size_threshold=1024)
-            os.replace(tmpdir / (output.name + ".data"), output.parent / (output.name + ".data"))
-        else:
-            onnx.save_model(model, str(tmp))
-        os.replace(tmp, output)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def read_inputs_npz(path: str | Path, names: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -289,21 +231,18 @@ def check_input_shapes(deploy, inputs: dict, where: str) -> None:
 def compare(deploy, onnx_path: Path, batches: list[tuple[str, dict]], atol: dict[str, float]) -> list[Comparison]:
     """Run the ONNX on onnxruntime and the model in torch on the same batches; compare logits."""
     import numpy as np
-    import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    session = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
+    from .runtime.ort import OrtRunner
+    from .runtime.torch_runner import TorchRunner
+
+    candidate, reference = OrtRunner(onnx_path), TorchRunner(deploy)
+    missing = [n for n in candidate.input_names if all(n not in inputs for _, inputs in batches)]
+    if missing:
+        raise LilyDeployError(f"validation inputs lack {missing[0]}, which the ONNX model needs")
     results = []
     for label, inputs in batches:
-        with torch.no_grad():
-            ref = deploy.logits(**inputs).float().numpy()
-        feeds = {n: inputs[n].numpy() for n in names if n in inputs}
-        missing = [n for n in names if n not in feeds]
-        if missing:
-            raise LilyDeployError(f"validation inputs lack {missing[0]}, which the ONNX model needs")
-        got = session.run([OUTPUT_NAME], feeds)[0]
+        ref = reference.infer(inputs)[OUTPUT_NAME]
+        got = candidate.infer(inputs, [OUTPUT_NAME])[OUTPUT_NAME]
         diff = np.abs(got - ref)
         rel = diff / np.maximum(np.abs(ref), 1e-6)
         agree = float((got.reshape(-1, got.shape[-1]).argmax(-1) == ref.reshape(-1, ref.shape[-1]).argmax(-1)).mean())
@@ -368,7 +307,7 @@ def export_onnx(
     else:
         texts = None
         if data is not None:
-            from .data import read_data
+            from .core.data import read_data
 
             table = read_data(data, text_column=text_column, limit=64)
             texts = table.texts if hasattr(table, "texts") else None
@@ -400,16 +339,10 @@ def export_onnx(
         raise LilyDeployError(f"expected {n_dynamic} lily::HPMix nodes, the graph has {len(hpmix_nodes(model))}")
 
     result = ExportResult(output, routing, ops, n_dynamic, len(deploy.folded), notes=notes)
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".check", dir=output.parent))
-    try:
-        staged = tmpdir / output.name
-        save_onnx(model, staged, external_data)
+    with staged_onnx(output) as staged:
+        staged.write(model, external_data)
         if validate:
-            result.comparisons = compare(deploy, staged, validation_batches, atol or {})
+            result.comparisons = compare(deploy, staged.path, validation_batches, atol or {})
         if result.passed or keep_on_failure:
-            if external_data:
-                os.replace(tmpdir / (output.name + ".data"), output.parent / (output.name + ".data"))
-            os.replace(staged, output)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+            staged.commit()
     return result

@@ -42,7 +42,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .errors import LilyDeployError
+from .core.errors import LilyDeployError
+from .runtime import Runner
+from .runtime.onnx_io import metadata_value
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 METRICS = ("accuracy", "f1", "mcc", "agreement")
@@ -214,7 +216,7 @@ def load_samples(ref, data: Optional[str | Path], limit: Optional[int] = None, m
                  text_column: Optional[str] = None, label_column: Optional[str] = None,
                  num_generated: int = 64, seed: int = 0) -> Samples:
     """Rows of ``data`` encoded for ``ref`` (labels mapped to its class ids), or seeded generated inputs."""
-    from .data import load_images, model_label_map, read_data
+    from .core.data import load_images, model_label_map, read_data
 
     if data is None:
         return _generated(ref, num_generated, max_length, seed)
@@ -281,8 +283,6 @@ def _num_classes(ref) -> Optional[int]:
 
 # --------------------------------------------------------------------------- candidates
 
-_NP_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
-             "tensor(float16)": np.float16, "tensor(double)": np.float64, "tensor(bool)": np.bool_}
 _REPORT_DTYPES = {"int64": np.int64, "int32": np.int32, "float32": np.float32, "float16": np.float16,
                   "bool": np.bool_}
 
@@ -305,10 +305,10 @@ class Candidate:
     meta: dict = field(default_factory=dict)
     skip: Optional[str] = None
     notes: list[str] = field(default_factory=list)
-    runner: object = None
+    runner: Optional[Runner] = None
 
     def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-        return self.runner(feeds)
+        return {k: np.asarray(v, dtype=np.float32) for k, v in self.runner.infer(feeds).items()}
 
 
 def _normalise_precision(value: str) -> Optional[str]:
@@ -342,47 +342,26 @@ def detect_precision(model) -> tuple[str, str]:
     return "fp32", "no reduced-precision tensors in the graph"
 
 
-def _meta_value(meta: dict, key: str):
-    value = meta.get(key)
-    if value is None:
-        return None
-    try:
-        return json.loads(value)
-    except (json.JSONDecodeError, TypeError):
-        return value
-
-
 def _static(dim) -> Optional[int]:
     return int(dim) if isinstance(dim, int) and dim > 0 else None
 
 
 def open_onnx(path: Path, flag: str = "--candidate", threads: Optional[int] = None) -> Candidate:
-    import onnx
+    from .runtime.onnx_io import load_onnx, metadata
+    from .runtime.ort import OrtRunner
 
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf raises several types for a file that is not ONNX
-        raise LilyDeployError(f"{flag} {path}: not a readable ONNX file ({str(exc).splitlines()[0][:200]})") from None
-    meta = {p.key: p.value for p in model.metadata_props}
+    model = load_onnx(path, flag=flag)
+    meta = metadata(model)
     precision, why = detect_precision(model)
-    from .benchmark import ort_session
-
-    session = ort_session(path, threads, flag=flag)
-    inputs = {i.name: _NP_TYPES.get(i.type) for i in session.get_inputs()}
-    outs = session.get_outputs()
-    first = session.get_inputs()[0]
-    batch = _static(first.shape[0]) if first.shape else None
-    seq = _static(first.shape[1]) if len(first.shape) > 1 and first.name != "pixel_values" else None
-    out0 = next((o for o in outs if o.name == "logits"), outs[0])
-    classes = _static(out0.shape[-1]) if out0.shape else None
-    names = [o.name for o in outs]
-
-    def runner(feeds):
-        res = session.run(names, {n: v.numpy().astype(inputs[n] or np.int64, copy=False) for n, v in feeds.items()})
-        return dict(zip(names, res))
-
-    c = Candidate(path.name, path, "onnx", "onnxruntime-cpu", precision, _meta_value(meta, "lily_deploy.routing"),
-                  inputs, names, batch, seq, classes, meta, runner=runner)
+    runner = OrtRunner(path, threads, flag=flag)
+    first = runner.input_names[0]
+    shape = runner.input_shapes[first]
+    batch = _static(shape[0]) if shape else None
+    seq = _static(shape[1]) if len(shape) > 1 and first != "pixel_values" else None
+    out0 = "logits" if "logits" in runner.output_names else runner.output_names[0]
+    classes = _static(runner.output_shapes[out0][-1]) if runner.output_shapes[out0] else None
+    c = Candidate(path.name, path, "onnx", runner.backend, precision, metadata_value(meta, "lily_deploy.routing"),
+                  dict(runner.input_dtypes), list(runner.output_names), batch, seq, classes, meta, runner=runner)
     c.notes.append(f"precision {precision}: {why}")
     return c
 
@@ -422,8 +401,6 @@ def _engine_skip_reason(report: dict) -> Optional[str]:
         has_gpu = False
     if not has_gpu:
         return "no CUDA GPU here: a TensorRT engine runs only on a GPU (run parity on the GPU machine)"
-    if importlib.util.find_spec("lily_deploy.trt_runner") is None:
-        return "lily_deploy.trt_runner is not installed: engines cannot be run"
     module = (report.get("backend") or {}).get("module")
     if module and importlib.util.find_spec(module) is None:
         return f"the engine was built with {module}, which is not installed here"
@@ -432,39 +409,28 @@ def _engine_skip_reason(report: dict) -> Optional[str]:
     return None
 
 
-def _engine_runner(path: Path, cand: Candidate):
-    """Run an engine through ``lily_deploy.trt_runner`` (loaded lazily: TensorRT is optional)."""
-    from .trt_runner import load_runner
+def _engine_runner(path: Path, cand: Candidate) -> Runner:
+    """The engine's runtime runner (TensorRT is imported lazily: it is optional)."""
+    from .runtime.tensorrt import TrtRunner
 
-    engine = load_runner(path)
+    engine = TrtRunner(path)
     cand.inputs = cand.inputs or {n: None for n in engine.input_names}
     cand.outputs = cand.outputs or list(engine.output_names)
-    names = list(engine.input_names)
-
-    def runner(feeds):
-        return {k: np.asarray(v, dtype=np.float32) for k, v in
-                engine.infer({n: feeds[n].numpy() for n in names if n in feeds}).items()}
-
-    return runner
+    return engine
 
 
 def open_torch_candidate(path: Path, base: Optional[str]) -> Candidate:
-    from .onnx_export import open_model
-
-    from .deploy import DEPLOY_CONFIG
+    from .core.deploy import DEPLOY_CONFIG, open_model
+    from .runtime.torch_runner import TorchRunner
 
     model = open_model(path, base=base)
     modes = {layer.mode for layer in model.layers.values() if layer.mode != "static"}
     routing = None  # an adapter folder has no deploy routing of its own: it follows the reference
     if (path / DEPLOY_CONFIG).is_file():
         routing = modes.pop() if len(modes) == 1 else ("none" if not modes else None)
-
-    def runner(feeds):
-        with torch.inference_mode():
-            return {"logits": model.logits(**feeds).float().numpy()}
-
-    c = Candidate(path.name or str(path), path, "torch", "torch-cpu", "fp32", routing,
-                  {n: np.int64 for n in model.input_names}, ["logits"], runner=runner)
+    runner = TorchRunner(model, path.name or str(path))
+    c = Candidate(path.name or str(path), path, "torch", runner.backend, "fp32", routing,
+                  {n: np.int64 for n in model.input_names}, list(runner.output_names), runner=runner)
     c.meta = {"model": model}
     return c
 
@@ -487,13 +453,13 @@ def open_candidate(spec: str | Path, base: Optional[str] = None, threads: Option
 
 def check_compatible(cand: Candidate, ref, ref_outputs: Sequence[str]) -> None:
     """Refuse, naming the candidate, one whose task, labels, inputs or outputs differ from the reference's."""
-    from .data import model_label_map
+    from .core.data import model_label_map
 
     where = f"--candidate {cand.path}"
-    task = _meta_value(cand.meta, "lily_deploy.task")
+    task = metadata_value(cand.meta, "lily_deploy.task")
     if task and task != ref.task:
         raise LilyDeployError(f"{where}: was exported for task {task}, the reference is a {ref.task} model")
-    labels = _meta_value(cand.meta, "lily_deploy.labels")
+    labels = metadata_value(cand.meta, "lily_deploy.labels")
     if labels and ref.labels:
         mine = model_label_map(labels).labels
         theirs = model_label_map(ref.labels).labels
@@ -924,9 +890,9 @@ def _run_parity(reference, candidates, data, metric, tolerances, batch_sizes, ro
                 progress) -> ParityReport:
     from tqdm.auto import tqdm
 
-    from converters.hpmix import DYNAMIC_MODES
+    from .converters.hpmix import DYNAMIC_MODES
 
-    from .onnx_export import open_model
+    from .core.deploy import open_model
 
     started = time.perf_counter()
     if not candidates:

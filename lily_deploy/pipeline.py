@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from .errors import LilyDeployError
-from .fileio import write_json
+from .core.errors import LilyDeployError
+from .core.fileio import write_json
 
 STATE = "quickstart_state.json"
 SUMMARY = "summary.json"
@@ -179,7 +179,8 @@ def quickstart(
     stage("build-trt")
     engine_note = None
     if engine and not p.done("build-trt", p.engine):
-        from .trt_build import build_engine, load_backend
+        from .runtime.tensorrt import load_backend
+        from .trt_build import build_engine
 
         try:
             load_backend("auto")

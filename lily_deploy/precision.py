@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from calib import qdq
-from calib.readers import CalibSet, default_cache_dir, load_calibration, onnx_input_specs, resolve_tokenizer
+from .calib import qdq
+from .calib.readers import CalibSet, default_cache_dir, load_calibration, onnx_input_specs, resolve_tokenizer
 
-from .errors import LilyDeployError
-from .onnx_export import set_metadata
-from .fileio import check_output_parent, sha256_file
+from .core.errors import LilyDeployError
+from .core.fileio import check_output_parent, sha256_file
+from .runtime.onnx_io import load_onnx, metadata, set_metadata, staged_onnx
+from .runtime.ort import OrtRunner
 
 PRECISIONS = ("int8", "fp16")
 DEFAULT_CALIB_SIZE = 256
@@ -32,7 +31,6 @@ DEFAULT_MAX_DROP = 1.0
 DEFAULT_MIN_SQNR = None
 SQNR_KEY = "int8 input SQNR below --min-sqnr"
 OUTPUT_NAME = "logits"
-_LARGE = 1_800_000_000  # above this, weights go to an external .data file (protobuf's 2 GB limit)
 
 
 @dataclass
@@ -148,21 +146,6 @@ def _abbrev(names: Sequence[str], limit: int = 8) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
-def _load_onnx(path: Path):
-    import onnx
-
-    if not path.is_file():
-        raise LilyDeployError(f"{path}: no such ONNX file")
-    try:
-        return onnx.load(str(path))
-    except Exception as exc:  # protobuf DecodeError, missing external data, ...
-        raise LilyDeployError(f"{path}: not a readable ONNX model ({str(exc).splitlines()[0][:200]})") from None
-
-
-def _metadata(model) -> dict[str, str]:
-    return {p.key: p.value for p in model.metadata_props}
-
-
 def _labels_from_meta(meta: dict) -> Optional[list[str]]:
     raw = meta.get("lily_deploy.labels")
     if not raw:
@@ -174,28 +157,13 @@ def _labels_from_meta(meta: dict) -> Optional[list[str]]:
     return [str(l) for l in labels] if isinstance(labels, list) and labels else None
 
 
-def _session(path: Path, threads: Optional[int] = None):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    # EXTENDED or higher: onnxruntime fuses Q/DQ pairs into int8 kernels, as deployment runs them
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    if threads:
-        so.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime's Fail/InvalidGraph/NotImplemented
-        raise LilyDeployError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:300]})") from None
-
-
 def validate(reference: Path, candidate: Path, data: CalibSet, precision: str, labels: Optional[list[str]],
              max_drop: float, source: str, progress: bool = True) -> Validation:
     """Run both graphs on ``data`` and compare logits, top-1 and (with labels) accuracy."""
     import numpy as np
 
-    ref_s, cand_s = _session(reference), _session(candidate)
-    out_name = OUTPUT_NAME if OUTPUT_NAME in [o.name for o in ref_s.get_outputs()] else ref_s.get_outputs()[0].name
+    ref_s, cand_s = OrtRunner(reference), OrtRunner(candidate)
+    out_name = OUTPUT_NAME if OUTPUT_NAME in ref_s.output_names else ref_s.output_names[0]
     bar = None
     if progress and len(data) >= 64:
         try:
@@ -209,8 +177,8 @@ def validate(reference: Path, candidate: Path, data: CalibSet, precision: str, l
     refs, cands = [], []
     try:
         for batch in data.batches:
-            r = ref_s.run([out_name], batch)[0].astype(np.float64)
-            c = cand_s.run([out_name], batch)[0].astype(np.float64)
+            r = ref_s.infer(batch, [out_name])[out_name].astype(np.float64)
+            c = cand_s.infer(batch, [out_name])[out_name].astype(np.float64)
             refs.append(r.reshape(-1, r.shape[-1]))
             cands.append(c.reshape(-1, c.shape[-1]))
             if bar is not None:
@@ -227,7 +195,7 @@ def validate(reference: Path, candidate: Path, data: CalibSet, precision: str, l
     agreement = float((cand.argmax(-1) == ref.argmax(-1)).mean())
     acc_ref = acc_q = None
     if data.labels is not None and ref.shape[0] == len(data.labels):
-        from .data import model_label_map
+        from .core.data import model_label_map
 
         label_map = model_label_map(labels, num_labels=ref.shape[-1])
         unknown = sorted({l for l in data.labels if l not in label_map.index})
@@ -239,16 +207,6 @@ def validate(reference: Path, candidate: Path, data: CalibSet, precision: str, l
         acc_q = 100.0 * float((cand.argmax(-1) == y).mean())
     return Validation(source, ref.shape[0], precision, agreement, float(diff.max()), float(diff.mean()),
                       acc_ref, acc_q, max_drop)
-
-
-def _save(model, path: Path) -> None:
-    import onnx
-
-    if model.ByteSize() > _LARGE:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
 
 
 def quantize(
@@ -320,12 +278,12 @@ def quantize(
     if calib is None and val is None:
         raise LilyDeployError(f"--{precision} ends with a validation: give --val FILE (or --calib FILE)")
 
-    source = _load_onnx(model_path)
+    source = load_onnx(model_path, external_data=True)
     reason = qdq.quantized_reason(source)
     if reason:
         raise LilyDeployError(f"{model_path} is already quantized: {reason}; quantize the fp32 export instead")
     specs = onnx_input_specs(source)
-    meta = _metadata(source)
+    meta = metadata(source)
     if cache_dir == "default":
         cache_dir = default_cache_dir()
 
@@ -375,19 +333,19 @@ def quantize(
         plan = qdq.fp16_plan(inlined, sites, adapter_precision, user, keep_sensitive=keep_sensitive)
     result.kept_fp32 = plan.kept_fp32
 
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
-    try:
+    with staged_onnx(output) as staged:
+        tmpdir = staged.folder
         if precision == "int8":
             raw, ranges = tmpdir / "quantized.onnx", tmpdir / "ranges.json"
             qdq.quantize_int8(inlined, calib_set.reader(), calib_method, plan, str(raw), str(ranges), int8_target)
-            converted = _load_onnx(raw)
+            converted = load_onnx(raw, external_data=True)
             result.sqnr = qdq.activation_sqnr(inlined, converted, calib_set.batches)
             result.min_sqnr = min_sqnr
             lossy = sorted(n for n, db in result.sqnr.items() if min_sqnr is not None and db < min_sqnr)
             if lossy:  # second pass: the same calibrated ranges, the lossy nodes left fp32
                 plan.kept_fp32[SQNR_KEY] = lossy
                 qdq.quantize_int8(inlined, None, calib_method, plan, str(raw), str(ranges), int8_target)
-                converted = _load_onnx(raw)
+                converted = load_onnx(raw, external_data=True)
             counts = qdq.count_quantized(converted)
             result.int8_matmuls = len(counts["int8_matmuls"])
             if not counts["int8_matmuls"]:
@@ -414,20 +372,14 @@ def quantize(
         new_meta = {**meta, "lily_deploy.precision": precision, "lily_deploy.quantization": info,
                     "lily_deploy.excluded_nodes": plan.excluded()}
         set_metadata(converted, new_meta)
-        staged = tmpdir / output.name
-        _save(converted, staged)
-        result.validation = validate(model_path, staged, val_set, precision, _labels_from_meta(meta),
+        staged.write(converted)
+        result.validation = validate(model_path, staged.path, val_set, precision, _labels_from_meta(meta),
                                      max_accuracy_drop, val_source, progress)
         info["validation"] = result.validation.to_json()
         set_metadata(converted, {**new_meta, "lily_deploy.quantization": info})
-        _save(converted, staged)
+        staged.write(converted)
         if result.passed or keep_on_failure:
-            data_file = tmpdir / (output.name + ".data")
-            if data_file.exists():
-                os.replace(data_file, output.parent / data_file.name)
-            os.replace(staged, output)
+            staged.commit()
             result.written = True
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
     result.seconds = time.perf_counter() - started
     return result

@@ -14,8 +14,8 @@ import platform
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .errors import LilyDeployError
-from .fileio import atomic_file, write_json
+from .core.errors import LilyDeployError
+from .core.fileio import atomic_file, write_json
 
 SCHEMA_VERSION = 1
 

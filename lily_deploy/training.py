@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from .errors import LilyDeployError
+from .core.errors import LilyDeployError
 
 METHODS = ("lily", "lora")
 ROUTINGS = ("batch", "sample")
@@ -111,7 +111,7 @@ def load_data(train: str | Path, val: Optional[str | Path], text_column: Optiona
               label_column: Optional[str] = None, train_size: Optional[int] = None,
               val_size: Optional[int] = None, seed: int = 0):
     """``(train, val, label_map, task)``; every way the data can be unusable is a one-line error."""
-    from .data import ImageFolder, LabelMap, read_data
+    from .core.data import ImageFolder, LabelMap, read_data
 
     def read(path, flag, size):
         try:
@@ -265,7 +265,7 @@ class MaskContext:
 
 def _sample_forward(self, x, *args, **kwargs):
     """PEFT Lily ``Linear.forward`` with per-sample routing over non-padding tokens."""
-    from converters.hpmix import hp_mix_reference
+    from .converters.hpmix import hp_mix_reference
 
     result = self.base_layer(x, *args, **kwargs)
     if self.disable_adapters or not self.active_adapters:
@@ -425,7 +425,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict, rng_st
     import torch
     from safetensors.torch import save_file
 
-    from .fileio import atomic_dir
+    from .core.fileio import atomic_dir
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(path, "-o") as tmp:
@@ -459,7 +459,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[dict, list
 
 def save_adapter(out: Path, model, sidecar: dict) -> None:
     """The PEFT adapter into ``out`` itself, file by file through atomic renames."""
-    from .adapters import SIDECAR
+    from .core.adapters import SIDECAR
 
     tmp = Path(tempfile.mkdtemp(prefix=".adapter.", suffix=".partial", dir=out))
     try:
@@ -591,7 +591,7 @@ def finetune(
     step's loss NaN) are test hooks for the resume and divergence paths.
     """
     args = dict(locals())
-    from .fileio import check_output_parent
+    from .core.fileio import check_output_parent
 
     # ---- arguments
     if method not in METHODS:
@@ -644,8 +644,8 @@ def _run(a: dict, d: Dist, say: Callable[[str], None], out: Path, ckpt_path: Pat
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
-    from .data import encode_batch
-    from .models import load_base
+    from .core.data import encode_batch
+    from .core.models import load_base
 
     method, routing, seed = a["method"], a["routing"], a["seed"]
     batch_size, grad_accum = a["batch_size"], a["grad_accum"]

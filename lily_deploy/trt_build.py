@@ -24,22 +24,17 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
-from .errors import LilyDeployError
-from .fileio import atomic_file, check_output_parent, sha256_file, write_json
+from .core.errors import LilyDeployError
+from .core.fileio import atomic_file, check_output_parent, sha256_file, write_json
+from .runtime.onnx_io import load_onnx
+from .runtime.tensorrt import (INSTALL, MODULES, PRETTY, Backend, cuda_available, load_backend, make_logger,
+                               report_path, rtx_supports, rtx_targets)
 
-BACKENDS = ("auto", "tensorrt", "tensorrt-rtx")
-MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
-INSTALL = {
-    "tensorrt": "pip install 'lily-deploy[tensorrt]'",
-    "tensorrt-rtx": "pip install 'lily-deploy[tensorrt-rtx]'",
-}
-PRETTY = {"tensorrt": "TensorRT", "tensorrt-rtx": "TensorRT-RTX"}
 # dynamic axes of the exported graphs and their default ranges (min, max); opt is the middle
 DEFAULT_RANGES = {"batch": (1, 32), "sequence": (1, 512)}
 DEFAULT_RTX_TARGET = "sm89"
-REPORT_SUFFIX = ".json"
 ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool",
                10: "float16", 11: "float64", 12: "uint32", 13: "uint64", 16: "bfloat16",
                17: "float8e4m3fn", 19: "float8e5m2", 21: "uint4", 22: "int4", 23: "float4e2m1"}
@@ -51,69 +46,6 @@ ITEMSIZE = {"float32": 4, "uint8": 1, "int8": 1, "int16": 2, "int32": 4, "int64"
 # ---------------------------------------------------------------------------------------
 # backends
 # ---------------------------------------------------------------------------------------
-
-@dataclass
-class Backend:
-    """An imported TensorRT flavour: its name, module and version."""
-
-    name: str  # "tensorrt" or "tensorrt-rtx"
-    trt: Any
-    version: str
-
-    @property
-    def rtx(self) -> bool:
-        return self.name == "tensorrt-rtx"
-
-    @property
-    def pretty(self) -> str:
-        return f"{PRETTY[self.name]} {self.version}"
-
-    @property
-    def has_precision_flags(self) -> bool:
-        """TensorRT 10 still has FP16/INT8 builder flags; TensorRT 11 and RTX do not."""
-        return hasattr(self.trt.BuilderFlag, "FP16")
-
-
-def _import(name: str):
-    import importlib
-
-    try:
-        return importlib.import_module(MODULES[name]), None
-    except ImportError as exc:  # not installed, or its native libraries are missing
-        return None, exc
-    except OSError as exc:
-        return None, exc
-
-
-def cuda_available() -> bool:
-    """Whether a CUDA GPU is visible (through torch, which every GPU user of this tool has)."""
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
-
-
-def load_backend(name: str = "auto") -> Backend:
-    """Import the TensorRT flavour ``name`` (``auto``: TensorRT with a GPU, else TensorRT-RTX)."""
-    if name not in BACKENDS:
-        raise LilyDeployError(f"--backend {name!r}: choose one of {', '.join(BACKENDS)}")
-    if name == "auto":
-        order = ["tensorrt", "tensorrt-rtx"] if cuda_available() else ["tensorrt-rtx", "tensorrt"]
-        for candidate in order:
-            module, _ = _import(candidate)
-            if module is not None:
-                return Backend(candidate, module, module.__version__)
-        raise LilyDeployError(
-            "no TensorRT backend is installed: install TensorRT for RTX (builds without a GPU) with "
-            f"{INSTALL['tensorrt-rtx']}, or TensorRT with {INSTALL['tensorrt']}"
-        )
-    module, exc = _import(name)
-    if module is None:
-        why = "is not installed" if isinstance(exc, ModuleNotFoundError) else f"cannot be imported ({exc})"
-        raise LilyDeployError(f"--backend {name}: {PRETTY[name]} (module {MODULES[name]}) {why}; "
-                              f"install it with {INSTALL[name]}")
-    return Backend(name, module, module.__version__)
 
 
 # ---------------------------------------------------------------------------------------
@@ -162,17 +94,6 @@ def parse_compute_capability(text: str, backend: Backend) -> str:
     return name
 
 
-def rtx_targets(backend: Backend) -> list[str]:
-    """The compute capabilities a TensorRT-RTX build can target (``sm75``, ..., ``sm121``)."""
-    return sorted((n.lower() for n in dir(backend.trt.ComputeCapability) if re.fullmatch(r"SM\d+", n)),
-                  key=lambda s: int(s[2:]))
-
-
-def rtx_supports(backend: Backend, cc: str) -> bool:
-    """Whether TensorRT-RTX can build for and run on compute capability ``cc`` (e.g. ``sm90``: no)."""
-    return cc.lower() in rtx_targets(backend)
-
-
 def parse_shape_spec(text: str, flag: str) -> dict[str, tuple[int, ...]]:
     """trtexec's ``name:1x128,other:1x128`` -> ``{name: (1, 128), ...}`` (names may hold ':')."""
     out: dict[str, tuple[int, ...]] = {}
@@ -210,19 +131,6 @@ class TensorSpec:
 
     def as_dict(self) -> dict:
         return {"name": self.name, "shape": self.dims, "dtype": self.dtype}
-
-
-def load_onnx(path: str | os.PathLike):
-    """The ONNX model without its external weights (enough for I/O and the precision summary)."""
-    import onnx
-
-    path = Path(path)
-    if not path.is_file():
-        raise LilyDeployError(f"{path}: no such ONNX file")
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf's DecodeError and friends: the file is not ONNX
-        raise LilyDeployError(f"{path}: not an ONNX model ({type(exc).__name__}: {exc})") from None
 
 
 def _tensor_spec(value_info) -> TensorSpec:
@@ -447,27 +355,6 @@ class BuildError(LilyDeployError):
         self.lines = list(lines)
 
 
-def _make_logger(trt, verbose: bool = False):
-    class CollectingLogger(trt.ILogger):
-        """Keeps TensorRT's errors for our one-line messages; prints only with --verbose."""
-
-        def __init__(self):
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-            self.warnings: list[str] = []
-            self.verbose = verbose
-
-        def log(self, severity, msg):
-            if severity <= trt.ILogger.Severity.ERROR:
-                self.errors.append(msg)
-            elif severity == trt.ILogger.Severity.WARNING:
-                self.warnings.append(msg)
-            if self.verbose and severity <= trt.ILogger.Severity.INFO:
-                print(f"[{str(severity).split('.')[-1]}] {msg}", file=sys.stderr)
-
-    return CollectingLogger()
-
-
 def _node_index(model) -> dict[str, str]:
     """node name -> ``domain::op`` over the main graph and every local function."""
     out = {}
@@ -582,10 +469,6 @@ class BuildReport:
         return format_report(self.data)
 
 
-def report_path(engine: str | os.PathLike) -> Path:
-    return Path(str(engine) + REPORT_SUFFIX)
-
-
 def _trt_dtype(dt) -> str:
     name = str(dt).split(".")[-1].lower()
     return {"float": "float32", "half": "float16", "bf16": "bfloat16", "int8": "int8", "int32": "int32",
@@ -697,7 +580,7 @@ def build_engine(
     route = "function-inlining"
     parse_bytes = None
     if plugin_route:
-        from converters.trt_plugin import mark_plugin_nodes, register_plugin
+        from .converters.trt_plugin import mark_plugin_nodes, register_plugin
 
         marked = mark_plugin_nodes(model)
         if not marked:
@@ -706,7 +589,7 @@ def build_engine(
         parse_bytes = model.SerializeToString()
         route = f"plugin ({len(marked)} lily::HPMix nodes)"
 
-    logger = _make_logger(trt, verbose)
+    logger = make_logger(trt, verbose)
     try:
         builder = trt.Builder(logger)
     except (TypeError, RuntimeError) as exc:
@@ -871,15 +754,6 @@ def _parser_version(trt) -> Optional[str]:
 # ---------------------------------------------------------------------------------------
 # the table
 # ---------------------------------------------------------------------------------------
-
-def read_report(engine: str | os.PathLike) -> Optional[dict]:
-    path = report_path(engine)
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise LilyDeployError(f"{path}: not a build report ({exc})") from None
 
 
 def format_report(r: dict) -> str:

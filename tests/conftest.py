@@ -42,7 +42,7 @@ def build_rtx_engine(onnx_path: Path, engine: Path) -> dict:
 def make_lily_adapter(base: str, out: Path, targets, num_labels=None, task_type="SEQ_CLS", r=8, num_b=3,
                       stride=2, scale=0.5, seed=0) -> Path:
     """Save a PEFT-Lily adapter with random non-zero HPs (as after training) onto ``base``."""
-    from lily_deploy.adapters import random_lily_adapter
+    from lily_deploy.core.adapters import random_lily_adapter
 
     task = {"SEQ_CLS": "seq-cls", None: "image-cls"}[task_type]
     return random_lily_adapter(base, out, targets, num_labels=num_labels, task=task, rank=r, num_hp=num_b,
@@ -78,7 +78,7 @@ def tiny_roberta_dir(tmp_path_factory) -> Path:
     """A tiny random RoBERTa (q/k/v with biases) with the MiniLM tokenizer beside it."""
     from transformers import AutoTokenizer, RobertaConfig, RobertaForSequenceClassification
 
-    from lily_deploy.models import minilm_path
+    from lily_deploy.core.models import minilm_path
 
     torch.manual_seed(0)
     cfg = RobertaConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 
 from lily_deploy.benchmark import parse_model, run_bench
 from lily_deploy.cli import cli
-from lily_deploy.errors import LilyDeployError
+from lily_deploy.core.errors import LilyDeployError
 
 FAST = dict(batch_sizes=(1, 2), seq_lens=(8, 16), warmup=1, iters=4, threads=1, progress=False, memory=False)
 

@@ -21,8 +21,8 @@ from lily_deploy import trt_build as build_trt
 from lily_deploy.trt_build import (build_engine, load_onnx, onnx_io, parse_shape_spec, parse_size,
                                    precision_summary, report_path, resolve_profiles)
 from lily_deploy.cli import cli
-from lily_deploy.errors import LilyDeployError
-from lily_deploy.trt_runner import TrtRunner, check_compatible, pick_profile
+from lily_deploy.core.errors import LilyDeployError
+from lily_deploy.runtime.tensorrt import TrtRunner, check_compatible, pick_profile
 
 from conftest import SENTENCES
 
@@ -77,7 +77,7 @@ def folded_onnx(minilm_adapter, tmp_path_factory) -> Path:
 
 
 def _tokens(n=4, length=16):
-    from lily_deploy.models import minilm_path
+    from lily_deploy.core.models import minilm_path
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(minilm_path())
@@ -302,7 +302,7 @@ def test_precision_summary_counts(lily_onnx, int8_onnx, fp16_onnx):
 @needs_rtx
 def test_rtx_targets_exclude_hopper():
     """Seen on an H200: TensorRT-RTX 1.7 builds for 'current' there, but the engine cannot run (sm90)."""
-    from lily_deploy.trt_build import load_backend, rtx_supports, rtx_targets
+    from lily_deploy.runtime.tensorrt import load_backend, rtx_supports, rtx_targets
 
     be = load_backend("tensorrt-rtx")
     assert "sm89" in rtx_targets(be) and rtx_supports(be, "SM89")
@@ -578,7 +578,7 @@ def test_marked_graph_still_runs_in_onnxruntime(lily_onnx, tmp_path):
     import onnx
     import onnxruntime as ort
 
-    from converters.trt_plugin import PLUGIN_NAMESPACE, mark_plugin_nodes
+    from lily_deploy.converters.trt_plugin import PLUGIN_NAMESPACE, mark_plugin_nodes
 
     model = onnx.load(str(lily_onnx))
     marked = mark_plugin_nodes(model)
@@ -597,7 +597,7 @@ def test_marked_graph_still_runs_in_onnxruntime(lily_onnx, tmp_path):
 @pytest.mark.trt
 @needs_rtx
 def test_plugin_route_builds_or_says_why(lily_onnx, tmp_path):
-    from converters.trt_plugin import probe_python_plugins
+    from lily_deploy.converters.trt_plugin import probe_python_plugins
 
     engine = tmp_path / "plugin.plan"
     why = probe_python_plugins("tensorrt_rtx")
@@ -634,8 +634,8 @@ def test_plugin_route_needs_hpmix_nodes(tmp_path):
 def test_plugin_cuda_implementation_matches_reference(mode, masked):
     import torch
 
-    from converters.hpmix import hp_mix_reference
-    from converters.trt_plugin import hpmix_on_pointers
+    from lily_deploy.converters.hpmix import hp_mix_reference
+    from lily_deploy.converters.trt_plugin import hpmix_on_pointers
 
     g = torch.Generator(device="cpu").manual_seed(0)
     B, T, r, E, d = 3, 7, 4, 3, 10
@@ -661,7 +661,7 @@ def _gpu_engine(onnx_path, tmp_path, **kw):
     if backend == "tensorrt-rtx":
         import torch
 
-        from lily_deploy.trt_build import load_backend, rtx_supports
+        from lily_deploy.runtime.tensorrt import load_backend, rtx_supports
 
         cc = "sm%d%d" % torch.cuda.get_device_capability()
         if not rtx_supports(load_backend("tensorrt-rtx"), cc):
@@ -717,7 +717,7 @@ def test_runner_refuses_engine_for_another_gpu(lily_onnx, tmp_path):
 def test_plugin_route_engine_runs(lily_onnx, tmp_path):
     import onnxruntime as ort
 
-    from converters.trt_plugin import probe_python_plugins
+    from lily_deploy.converters.trt_plugin import probe_python_plugins
 
     module = "tensorrt" if HAS_TRT else "tensorrt_rtx"
     why = probe_python_plugins(module)

@@ -12,9 +12,9 @@ import torch
 from click.testing import CliRunner
 
 from conftest import SENTENCES, build_rtx_engine
-from converters.hpmix import DOMAIN, OP_TYPE
+from lily_deploy.converters.hpmix import DOMAIN, OP_TYPE
 from lily_deploy.cli import cli
-from lily_deploy.deploy import load_model
+from lily_deploy.core.deploy import load_model
 from lily_deploy.onnx_export import export_onnx
 
 ALLOWED_BODY_OPS = {"Softmax", "Shape", "Constant", "Concat", "Reshape", "Unsqueeze", "Mul", "MatMul", "ReduceMean",
@@ -164,7 +164,7 @@ def test_validation_failure_keeps_no_file_unless_asked(tiny_roberta_adapter, tmp
 
 
 def test_unsupported_layer_type_is_named(minilm_adapter, tmp_path):
-    from lily_deploy.deploy import save_deploy
+    from lily_deploy.core.deploy import save_deploy
 
     save_deploy(load_model(minilm_adapter), tmp_path / "ckpt")
     cfg_path = tmp_path / "ckpt" / "deploy_config.json"

@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from lily_deploy.cli import cli
-from lily_deploy.errors import LilyDeployError
+from lily_deploy.core.errors import LilyDeployError
 from lily_deploy.training import (abbreviate, enable_sample_routing, finetune, lily_param_count, lora_rank_for,
                                   resolve_targets, split_for_rank)
 
@@ -49,7 +49,7 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     """A tiny random BERT without dropout (so DDP and one process can agree exactly)."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from lily_deploy.models import minilm_path
+    from lily_deploy.core.models import minilm_path
 
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
@@ -124,9 +124,9 @@ def test_training_lowers_loss_and_keeps_best(trained):
 def test_saved_adapter_loads_in_peft_deploy_and_inspect(trained, tiny_bert_dir, toy):
     from peft import PeftModel
 
-    from lily_deploy.data import encode_batch
-    from lily_deploy.deploy import load_model
-    from lily_deploy.models import load_base
+    from lily_deploy.core.data import encode_batch
+    from lily_deploy.core.deploy import load_model
+    from lily_deploy.core.models import load_base
 
     out = trained["out"]
     base = load_base(str(tiny_bert_dir), num_labels=2)
@@ -158,7 +158,7 @@ def test_saved_adapter_loads_in_peft_deploy_and_inspect(trained, tiny_bert_dir, 
 def test_lily_param_count_matches_peft_and_lora_is_matched(tiny_roberta_dir):
     from peft import LilyConfig, get_peft_model
 
-    from lily_deploy.models import load_base
+    from lily_deploy.core.models import load_base
 
     base = load_base(str(tiny_roberta_dir), num_labels=2)
     targets, adapted = resolve_targets(base.model, ["query", "value", "intermediate.dense"], "classifier", "tiny")
@@ -193,9 +193,9 @@ def test_lora_baseline_at_matched_count(tiny_bert_dir, toy, tmp_path):
 def test_sample_routing_is_batch_invariant_and_matches_deploy(tiny_bert_dir, toy, tmp_path):
     from peft import PeftModel
 
-    from lily_deploy.data import encode_batch
-    from lily_deploy.deploy import load_model
-    from lily_deploy.models import load_base
+    from lily_deploy.core.data import encode_batch
+    from lily_deploy.core.deploy import load_model
+    from lily_deploy.core.models import load_base
 
     out = tmp_path / "sample"
     finetune(str(tiny_bert_dir), toy["train"], toy["val"], out, routing="sample", max_steps=40, batch_size=16,
@@ -298,7 +298,7 @@ def test_split_for_rank_covers_each_item_once():
 def test_image_folder_training(tiny_vit_dir, tmp_path):
     from PIL import Image
 
-    from lily_deploy.deploy import load_model
+    from lily_deploy.core.deploy import load_model
 
     rng = random.Random(0)
     for split, n in (("train", 4), ("val", 2)):

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from conftest import SENTENCES, data_file
 from lily_deploy.cli import cli
-from lily_deploy.deploy import load_model, save_deploy
+from lily_deploy.core.deploy import load_model, save_deploy
 from lily_deploy.onnx_export import export_onnx
 from lily_deploy.folding import fold
 

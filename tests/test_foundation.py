@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from conftest import SENTENCES, data_file
-from lily_deploy.adapters import load_adapter
+from lily_deploy.core.adapters import load_adapter
 from lily_deploy.cli import cli
-from lily_deploy.deploy import from_peft, load_deploy, load_model, save_deploy
-from lily_deploy.lily import LilyLinear
+from lily_deploy.core.deploy import from_peft, load_deploy, load_model, save_deploy
+from lily_deploy.core.lily import LilyLinear
 
 
 def _text_batch(tokenizer, texts, pad_to=None):
@@ -146,7 +146,7 @@ def test_hp_pools_and_lps_are_shared_not_copied(minilm_adapter):
 def test_round_trip_to_peft_is_bit_identical(minilm_adapter, tmp_path):
     from peft import get_peft_model_state_dict
 
-    from converters.peft_lily import deploy_to_peft
+    from lily_deploy.core.peft_bridge import deploy_to_peft
 
     peft_model, deploy = _peft_and_deploy(minilm_adapter)
     back = deploy_to_peft(deploy)
@@ -215,7 +215,7 @@ def test_not_an_adapter_folder(tmp_path):
 def test_adapter_of_another_peft_type(tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from lily_deploy.models import load_base
+    from lily_deploy.core.models import load_base
 
     base = load_base("minilm", num_labels=2)
     get_peft_model(base.model, LoraConfig(r=2, target_modules=["query"])).save_pretrained(str(tmp_path / "lora"))

@@ -17,7 +17,7 @@ from onnx import TensorProto, helper
 
 from conftest import SENTENCES, data_file
 from lily_deploy.cli import cli
-from lily_deploy.errors import LilyDeployError
+from lily_deploy.core.errors import LilyDeployError
 from lily_deploy.parity_check import (DEFAULT_TOLERANCES, detect_precision, make_tolerances, metric_value, output_stats,
                                 run_parity)
 
@@ -191,7 +191,7 @@ def test_precision_from_metadata_beats_the_graph(exported, tmp_path):
 
 def test_torch_candidate_and_generated_inputs(tiny_roberta_adapter, exported, tmp_path):
     """A deploy checkpoint runs in torch as a candidate; no --data means generated inputs, metric agreement."""
-    from lily_deploy.deploy import load_model, save_deploy
+    from lily_deploy.core.deploy import load_model, save_deploy
 
     ckpt = save_deploy(load_model(tiny_roberta_adapter, mode="sample"), tmp_path / "ckpt")
     report = run_parity(tiny_roberta_adapter, [ckpt, exported["sample"]], num_generated=12, batch_sizes=(3,),

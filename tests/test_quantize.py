@@ -46,8 +46,8 @@ def trained_adapter(minilm_adapter, tmp_path_factory) -> Path:
     A random head gives logits a hair apart, where any rounding flips top-1; a fitted head has
     real margins, so the accuracy checks below measure quantization and not noise.
     """
-    from lily_deploy.adapters import load_adapter
-    from lily_deploy.data import read_text_table
+    from lily_deploy.core.adapters import load_adapter
+    from lily_deploy.core.data import read_text_table
 
     table = read_text_table(data_file("sst2", "train.tsv"), limit=256)
     peft_model, base, _ = load_adapter(minilm_adapter)
@@ -275,7 +275,7 @@ def test_quantized_graphs_build_with_tensorrt_rtx(which, int8_run, fp16_run, tmp
 # ---------------------------------------------------------------------------------------
 
 def test_calibration_reader_cache_and_split(fp32_onnx, sst2_slice, tmp_path):
-    from calib.readers import choose_rows, load_calibration, onnx_input_specs, resolve_tokenizer
+    from lily_deploy.calib.readers import choose_rows, load_calibration, onnx_input_specs, resolve_tokenizer
 
     model = onnx.load(str(fp32_onnx))
     specs = onnx_input_specs(model)
@@ -309,8 +309,8 @@ def test_calibration_reader_cache_and_split(fp32_onnx, sst2_slice, tmp_path):
 
 
 def test_tokenizer_resolution(minilm_adapter, tmp_path):
-    from calib.readers import resolve_tokenizer
-    from lily_deploy.errors import LilyDeployError
+    from lily_deploy.calib.readers import resolve_tokenizer
+    from lily_deploy.core.errors import LilyDeployError
 
     by_model = resolve_tokenizer(model=str(minilm_adapter))
     by_meta = resolve_tokenizer(base_model="minilm")

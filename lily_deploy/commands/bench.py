@@ -5,7 +5,7 @@ from .options import int_list
 
 
 def _backends(ctx, param, value):
-    from lily_deploy.benchmark import BACKENDS
+    from ..benchmark import BACKENDS
 
     if value is None:
         return None
@@ -56,14 +56,14 @@ def command(models, batch_sizes, seq_lens, threads, warmup, iters, backends, bas
     """
     import json
 
-    from lily_deploy.benchmark import run_bench
+    from ..benchmark import run_bench
 
     report = run_bench(models, batch_sizes=batch_sizes, seq_lens=seq_lens, threads=threads, warmup=warmup,
                        iters=iters, backends=backends, base=base, routing=routing, base_model=base_model,
                        memory=memory)
     data = report.to_json()
     if report_dir is not None:
-        from lily_deploy.report import write_reports
+        from ..report import write_reports
 
         paths = write_reports(data, report.markdown(), report_dir)
     if as_json:

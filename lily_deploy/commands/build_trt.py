@@ -36,7 +36,7 @@ def command(onnx_file, output, backend, shapes, min_shapes, opt_shapes, max_shap
     middle. Precision comes from the graph (FP16 casts, INT8 Q/DQ): networks are strongly typed.
     Writes the engine and ENGINE.json (backend, targets, profiles, I/O, precision, build time).
     """
-    from lily_deploy.trt_build import build_engine
+    from ..trt_build import build_engine
 
     report = build_engine(onnx_file, output, backend=backend, shapes=shapes, min_shapes=min_shapes,
                           opt_shapes=opt_shapes, max_shapes=max_shapes, workspace=workspace,

@@ -33,8 +33,8 @@ def command(model, output, routing, ops, opset, dynamic, external_data, task, no
              or pixel_values (float, [batch, 3, H, W])
     Output:  logits
     """
-    from lily_deploy.errors import LilyDeployError
-    from lily_deploy.onnx_export import export_onnx
+    from ..core.errors import LilyDeployError
+    from ..onnx_export import export_onnx
 
     tolerances = parse_tolerances(atol, "--atol")
     axes = [a.strip() for a in dynamic.split(",") if a.strip()]

@@ -60,7 +60,7 @@ def command(model, train, val, output, method, rank, lp_stride, num_hp, scale, t
     it trains with DDP; --batch-size is the global batch. With --routing batch each process
     mixes over its own local batch (results depend on N); --routing sample does not.
     """
-    from lily_deploy.training import finetune
+    from ..training import finetune
 
     try:
         result = finetune(

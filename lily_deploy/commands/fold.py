@@ -25,7 +25,7 @@ from .options import base_option, data_column_options
 def command(model_dir, calib, output, strategy, max_metric_drop, max_output_error, routing, calib_size,
             batch_size, max_length, random_inputs, text_column, label_column, base):
     """Fold static router paths of MODEL_DIR (adapter folder or checkpoint) into the base weights."""
-    from lily_deploy.folding import REPORT, fold
+    from ..folding import REPORT, fold
 
     report = fold(model_dir, output, calib=calib, strategy=strategy, max_metric_drop=max_metric_drop,
                   max_output_error=max_output_error, routing=routing, size=calib_size, batch_size=batch_size,

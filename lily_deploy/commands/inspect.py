@@ -19,7 +19,7 @@ def command(model_dir, data, size, text_column, as_json, base):
     Base model, targets, rank, LP groups, HP pools, parameter counts; with --data, each
     layer's router statistics (mean mixing vector, its spread across samples, entropy).
     """
-    from lily_deploy.inspection import describe, format_table
+    from ..inspection import describe, format_table
 
     info = describe(model_dir, data=data, base=base, size=size, text_column=text_column)
     click.echo(json.dumps(info, indent=2) if as_json else format_table(info))

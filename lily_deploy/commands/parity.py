@@ -61,7 +61,7 @@ def command(ctx, reference, candidates, data, metric, atol, atol_stat, min_agree
     """
     import json
 
-    from lily_deploy.parity_check import make_tolerances, run_parity
+    from ..parity_check import make_tolerances, run_parity
 
     tolerances = make_tolerances(atol, min_agreement, max_metric_drop, invariance_atol, atol_stat)
     report = run_parity(reference, candidates, data=data, metric=metric, tolerances=tolerances,
@@ -71,7 +71,7 @@ def command(ctx, reference, candidates, data, metric, atol, atol_stat, min_agree
                         threads=threads)
     data_json = report.to_json()
     if report_dir is not None:
-        from lily_deploy.report import write_reports
+        from ..report import write_reports
 
         paths = write_reports(data_json, report.markdown(), report_dir)
     click.echo(json.dumps(data_json, indent=2) if as_json else report.table())

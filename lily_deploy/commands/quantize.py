@@ -81,9 +81,9 @@ def command(onnx_file, output, precision, calib, calib_method, calib_size, seed,
     """
     import warnings
 
-    from calib.readers import CalibrationWarning
-    from lily_deploy.errors import LilyDeployError
-    from lily_deploy.precision import quantize
+    from ..calib.readers import CalibrationWarning
+    from ..core.errors import LilyDeployError
+    from ..precision import quantize
 
     if precision is None:
         raise click.UsageError("choose --int8 or --fp16")

@@ -17,7 +17,7 @@ def command(output, train, val, steps, batch_size, no_engine, no_bench, fresh):
 
     Needs nothing but the packaged MiniLM; a rerun after an interruption resumes where it stopped.
     """
-    from lily_deploy.pipeline import format_summary, quickstart
+    from ..pipeline import format_summary, quickstart
 
     summary = quickstart(output, train=train, val=val, steps=steps, batch_size=batch_size, engine=not no_engine,
                          bench=not no_bench, fresh=fresh, log=lambda m: click.echo(m))

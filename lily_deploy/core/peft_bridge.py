@@ -12,8 +12,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from lily_deploy.errors import LilyDeployError
-from lily_deploy.lily import HPPool, LilyLinear, RoutingContext, lily_layers
+from .errors import LilyDeployError
+from .lily import HPPool, LilyLinear, RoutingContext, lily_layers
 
 
 def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:

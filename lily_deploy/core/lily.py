@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from converters.hpmix import MODES, hp_mix, hp_mix_reference, mix_pool
+from ..converters.hpmix import MODES, hp_mix, hp_mix_reference, mix_pool
 
 from .errors import LilyDeployError
 

@@ -1,4 +1,8 @@
-"""Run a TensorRT or TensorRT-for-RTX engine (the API that ``parity`` and ``bench`` use).
+"""TensorRT and TensorRT for RTX in the runtime layer: which backend is here, and running engines.
+
+:func:`load_backend` imports a TensorRT flavour lazily (both are optional extras);
+:class:`TrtRunner` is the engine's :class:`~lily_deploy.runtime.Runner` (what ``parity``,
+``bench`` and the Python API use).
 
 An engine runs only on the TensorRT version that built it and on the GPUs it was built for.
 Before deserializing, the runner reads the build report beside the engine (``ENGINE.json``)
@@ -9,15 +13,141 @@ shapes; outputs come back as numpy arrays (or torch tensors on request).
 """
 from __future__ import annotations
 
+import json
 import os
+import re
+import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .trt_build import (INSTALL, PRETTY, Backend, _make_logger, cuda_available, load_backend, read_report,
-                        rtx_supports, rtx_targets)
-from .errors import LilyDeployError
+from ..core.errors import LilyDeployError
+from . import cuda_available
+
+BACKENDS = ("auto", "tensorrt", "tensorrt-rtx")
+
+MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
+
+INSTALL = {
+    "tensorrt": "pip install 'lily-deploy[tensorrt]'",
+    "tensorrt-rtx": "pip install 'lily-deploy[tensorrt-rtx]'",
+}
+
+PRETTY = {"tensorrt": "TensorRT", "tensorrt-rtx": "TensorRT-RTX"}
+
+REPORT_SUFFIX = ".json"
+
+
+# ---------------------------------------------------------------------------------------
+# backends: which TensorRT flavour is installed, and what it can target
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class Backend:
+    """An imported TensorRT flavour: its name, module and version."""
+
+    name: str  # "tensorrt" or "tensorrt-rtx"
+    trt: Any
+    version: str
+
+    @property
+    def rtx(self) -> bool:
+        return self.name == "tensorrt-rtx"
+
+    @property
+    def pretty(self) -> str:
+        return f"{PRETTY[self.name]} {self.version}"
+
+    @property
+    def has_precision_flags(self) -> bool:
+        """TensorRT 10 still has FP16/INT8 builder flags; TensorRT 11 and RTX do not."""
+        return hasattr(self.trt.BuilderFlag, "FP16")
+
+
+def _import(name: str):
+    import importlib
+
+    try:
+        return importlib.import_module(MODULES[name]), None
+    except ImportError as exc:  # not installed, or its native libraries are missing
+        return None, exc
+    except OSError as exc:
+        return None, exc
+
+
+def load_backend(name: str = "auto") -> Backend:
+    """Import the TensorRT flavour ``name`` (``auto``: TensorRT with a GPU, else TensorRT-RTX)."""
+    if name not in BACKENDS:
+        raise LilyDeployError(f"--backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    if name == "auto":
+        order = ["tensorrt", "tensorrt-rtx"] if cuda_available() else ["tensorrt-rtx", "tensorrt"]
+        for candidate in order:
+            module, _ = _import(candidate)
+            if module is not None:
+                return Backend(candidate, module, module.__version__)
+        raise LilyDeployError(
+            "no TensorRT backend is installed: install TensorRT for RTX (builds without a GPU) with "
+            f"{INSTALL['tensorrt-rtx']}, or TensorRT with {INSTALL['tensorrt']}"
+        )
+    module, exc = _import(name)
+    if module is None:
+        why = "is not installed" if isinstance(exc, ModuleNotFoundError) else f"cannot be imported ({exc})"
+        raise LilyDeployError(f"--backend {name}: {PRETTY[name]} (module {MODULES[name]}) {why}; "
+                              f"install it with {INSTALL[name]}")
+    return Backend(name, module, module.__version__)
+
+
+def rtx_targets(backend: Backend) -> list[str]:
+    """The compute capabilities a TensorRT-RTX build can target (``sm75``, ..., ``sm121``)."""
+    return sorted((n.lower() for n in dir(backend.trt.ComputeCapability) if re.fullmatch(r"SM\d+", n)),
+                  key=lambda s: int(s[2:]))
+
+
+def rtx_supports(backend: Backend, cc: str) -> bool:
+    """Whether TensorRT-RTX can build for and run on compute capability ``cc`` (e.g. ``sm90``: no)."""
+    return cc.lower() in rtx_targets(backend)
+
+
+def make_logger(trt, verbose: bool = False):
+    class CollectingLogger(trt.ILogger):
+        """Keeps TensorRT's errors for our one-line messages; prints only with --verbose."""
+
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+            self.warnings: list[str] = []
+            self.verbose = verbose
+
+        def log(self, severity, msg):
+            if severity <= trt.ILogger.Severity.ERROR:
+                self.errors.append(msg)
+            elif severity == trt.ILogger.Severity.WARNING:
+                self.warnings.append(msg)
+            if self.verbose and severity <= trt.ILogger.Severity.INFO:
+                print(f"[{str(severity).split('.')[-1]}] {msg}", file=sys.stderr)
+
+    return CollectingLogger()
+
+
+def report_path(engine: str | os.PathLike) -> Path:
+    return Path(str(engine) + REPORT_SUFFIX)
+
+
+def read_report(engine: str | os.PathLike) -> Optional[dict]:
+    path = report_path(engine)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise LilyDeployError(f"{path}: not a build report ({exc})") from None
+
+
+# ---------------------------------------------------------------------------------------
+# running engines
+# ---------------------------------------------------------------------------------------
 
 _TORCH_DTYPES = {
     "FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "INT32": "int32",
@@ -112,10 +242,10 @@ class TrtRunner:
             check_compatible(self.report, self.backend.name, self.backend.version, self.device_cc,
                              self.device_name, str(self.path))
         if self.report is not None and str(self.report.get("route", "")).startswith("plugin"):
-            from converters.trt_plugin import register_plugin
+            from ..converters.trt_plugin import register_plugin
 
             register_plugin(self.backend)
-        self.logger = _make_logger(trt)
+        self.logger = make_logger(trt)
         self.runtime = trt.Runtime(self.logger)
         data = self.path.read_bytes()
         if check and hasattr(self.runtime, "get_engine_validity"):
@@ -156,8 +286,19 @@ class TrtRunner:
             if hasattr(self, attr):
                 delattr(self, attr)
 
+    backend = "tensorrt"
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
     def __call__(self, feeds: Mapping[str, object], as_torch: bool = False) -> dict:
         return self.infer(feeds, as_torch=as_torch)
+
+    def bind(self, feeds: Mapping[str, object]) -> Callable[[], None]:
+        """A zero-argument call that runs the engine on ``feeds`` (outputs stay on the GPU): for timing."""
+        feeds = {n: feeds[n] for n in self.input_names}
+        return lambda: self.infer(feeds, as_torch=True)
 
     def infer(self, feeds: Mapping[str, object], as_torch: bool = False) -> dict:
         """Run once: ``{input name: array}`` -> ``{output name: numpy array}`` (torch with ``as_torch``)."""

@@ -83,7 +83,7 @@ class LilyDeployModel(nn.Module):
 
 def from_peft(peft_model: Any, base, info=None, mode: str = "batch") -> LilyDeployModel:
     """Deploy model from a loaded PEFT-Lily model (see ``converters.peft_lily``)."""
-    from converters.peft_lily import peft_to_deploy
+    from .peft_bridge import peft_to_deploy
 
     check_mode(mode)
     config = peft_model.peft_config[peft_model.active_adapter]
@@ -200,7 +200,7 @@ def _build_architecture(path: Path, config: dict) -> tuple[nn.Module, Any]:
 
 def load_deploy(path: str | Path) -> LilyDeployModel:
     """Rebuild a deploy model from a checkpoint folder written by :func:`save_deploy`."""
-    from converters.peft_lily import _set_module
+    from .peft_bridge import _set_module
 
     from .weights import check_safetensors
 
@@ -250,3 +250,23 @@ def load_deploy(path: str | Path) -> LilyDeployModel:
             meta[k] = config[k]
     return LilyDeployModel(model, context, config["task"], specs, meta, tokenizer=tokenizer,
                            folded=config.get("folded"), image_size=config.get("image_size"))
+
+
+def plain_deploy_model(spec: str):
+    """A base model with no Lily layers, wrapped so it exports and validates like a Lily model."""
+    from .models import load_base
+
+    base = load_base(spec)
+    meta = {"base_model": base.spec, "base_kind": base.kind, "adapter": None, "lily": None, "labels": None}
+    return LilyDeployModel(base.model, RoutingContext(), base.task, {}, meta, tokenizer=base.tokenizer,
+                           image_size=base.image_size)
+
+
+def open_model(source: str | Path, base: Optional[str] = None):
+    """A deploy model from an adapter folder, a deploy checkpoint, or a plain base model."""
+    from .adapters import is_adapter_dir
+
+    path = Path(str(source))
+    if (path / DEPLOY_CONFIG).is_file() or is_adapter_dir(path):
+        return load_model(path, base=base)
+    return plain_deploy_model(str(source))

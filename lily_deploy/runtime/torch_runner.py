@@ -1,0 +1,61 @@
+"""A deploy model in torch eager behind the :class:`~lily_deploy.runtime.Runner` interface."""
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import numpy as np
+
+
+class TorchRunner:
+    """Runs a :class:`~lily_deploy.core.deploy.LilyDeployModel` (CPU or CUDA) on numpy or torch inputs."""
+
+    output_names = ["logits"]
+
+    def __init__(self, model, name: str = "torch", device: str = "cpu"):
+        import torch
+
+        self.model = model.eval()
+        self.label = name
+        self.cuda = device.startswith("cuda")
+        self.device = torch.device(device)
+        if self.cuda:
+            self.model.to(self.device)
+        self.backend = "torch-cuda" if self.cuda else "torch-cpu"
+        self.input_names = list(model.input_names)
+
+    @property
+    def name(self) -> str:
+        return self.label
+
+    def _tensors(self, feeds: Mapping[str, object]) -> dict:
+        import torch
+
+        out = {}
+        for n in self.input_names:
+            if n not in feeds:
+                continue
+            v = feeds[n]
+            t = v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v))
+            out[n] = t.to(self.device) if self.cuda else t
+        return out
+
+    def infer(self, feeds: Mapping[str, object]) -> dict[str, np.ndarray]:
+        import torch
+
+        tensors = self._tensors(feeds)
+        with torch.inference_mode():
+            logits = self.model.logits(**tensors)
+        return {"logits": logits.float().cpu().numpy()}
+
+    def bind(self, feeds: Mapping[str, object]) -> Callable[[], None]:
+        import torch
+
+        tensors = self._tensors(feeds)
+
+        def call():
+            with torch.inference_mode():
+                self.model.logits(**tensors)
+            if self.cuda:
+                torch.cuda.synchronize()
+
+        return call
