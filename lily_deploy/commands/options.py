@@ -50,3 +50,17 @@ def data_column_options(f):
     f = click.option("--label-column", default=None, help="Label column (default: label, labels, class, target).")(f)
     f = click.option("--text-column", default=None, help="Text column (default: text, sentence, ...).")(f)
     return f
+
+
+def make_config(cls, flags: dict | None = None, **fields):
+    """Build a stage config from CLI values; a bad field becomes a usage error naming its flag (exit 2).
+
+    ``flags`` maps field names to flags where the flag is not ``--field-name``.
+    """
+    from ..core.config import ConfigError
+
+    try:
+        return cls(**fields)
+    except ConfigError as exc:
+        flag = (flags or {}).get(exc.field, "--" + exc.field.replace("_", "-"))
+        raise click.BadParameter(exc.detail, param_hint=f"'{flag}'") from None
