@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..converters.modes import MODES
+from ..core.modes import MODES
 
 
 def parse_tolerances(values, flag: str) -> dict[str, float]:

@@ -3,7 +3,7 @@
 :class:`LilyLinear` holds exactly what PEFT's Lily layer holds -- the frozen base Linear,
 its low-rank projector (LP, shared by a group of adjacent layers), its own router, and a
 reference to the HP pool shared by every layer of its target type -- but computes the HP
-mixing in one of four routing modes (see ``converters.hpmix``):
+mixing in one of four routing modes (the torch math is below; the ONNX op is ``converters.hpmix``):
 
 * ``batch``  -- PEFT's semantics: one mixing vector for the whole batch (padding included);
 * ``sample`` -- one vector per sample over its non-padding tokens: batch- and padding-invariant;
@@ -20,9 +20,74 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..converters.hpmix import MODES, hp_mix, hp_mix_reference, mix_pool
+import torch.nn.functional as F
 
 from .errors import LilyDeployError
+from .modes import DYNAMIC_MODES, MODES
+
+
+def mixing_vectors(logits: torch.Tensor, mask: Optional[torch.Tensor], mode: str) -> torch.Tensor:
+    """The mixing vector(s) ``p`` of a routing mode.
+
+    batch: ``[E]`` (mean over every row of the batch, padding included, as PEFT does);
+    sample: ``[B, E]`` (mean over each sample's tokens, non-padding only when ``mask`` is
+    given; a 2-D input is one token per sample); token: ``[..., E]`` (softmax per row).
+    """
+    probs = F.softmax(logits, dim=-1)
+    num_hp = logits.shape[-1]
+    if mode == "batch":
+        return probs.reshape(-1, num_hp).mean(dim=0)
+    if mode == "token" or logits.dim() == 2:
+        return probs
+    if mode == "sample":
+        probs3 = probs.reshape(probs.shape[0], -1, num_hp)
+        if mask is None:
+            return probs3.mean(dim=1)
+        weights = mask.to(probs.dtype).reshape(probs.shape[0], -1, 1)
+        return (probs3 * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+    raise ValueError(f"unknown routing mode {mode!r}; expected one of {', '.join(DYNAMIC_MODES)}")
+
+
+def mix_pool(p: torch.Tensor, hp: torch.Tensor, rank: int) -> torch.Tensor:
+    """``B~ = sum_e p_e HP_e``: ``p [..., E]`` and ``hp [E*r, d]`` give ``[..., r, d]``."""
+    num_hp = p.shape[-1]
+    flat = p @ hp.reshape(num_hp, -1)
+    return flat.reshape(*p.shape[:-1], rank, hp.shape[-1])
+
+
+def hp_mix_reference(
+    h: torch.Tensor,
+    logits: torch.Tensor,
+    hp: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    mode: str,
+    scale: float,
+) -> torch.Tensor:
+    """``s * h @ B~(p)`` for one routing mode, in differentiable torch."""
+    rank = h.shape[-1]
+    num_hp = logits.shape[-1]
+    if mode == "batch":
+        return (h @ mix_pool(mixing_vectors(logits, None, "batch"), hp, rank)) * scale
+    if mode == "token" or (mode == "sample" and h.dim() == 2):
+        probs = F.softmax(logits, dim=-1)
+        # sum_e P_e (h @ HP_e) == (P (x) h) @ HP: one matmul over the stacked pool.
+        z = (probs.unsqueeze(-1) * h.unsqueeze(-2)).reshape(*h.shape[:-1], num_hp * rank)
+        return (z @ hp) * scale
+    if mode == "sample":
+        p = mixing_vectors(logits, mask, "sample")  # [B, E]
+        mixed = mix_pool(p, hp, rank)  # [B, r, d]
+        h3 = h.reshape(h.shape[0], -1, rank)
+        return torch.bmm(h3, mixed).reshape(*h.shape[:-1], hp.shape[-1]) * scale
+    raise ValueError(f"unknown routing mode {mode!r}; expected one of {', '.join(DYNAMIC_MODES)}")
+
+
+def custom_op_mix(h, logits, hp, mask, mode: str, scale: float) -> torch.Tensor:
+    """``torch.ops.lily.hp_mix``, looked up by name: the exporter registers it (``lily_deploy.converters.hpmix``)."""
+    try:
+        op = torch.ops.lily.hp_mix
+    except (AttributeError, RuntimeError):
+        raise RuntimeError("lily::hp_mix is not registered: import lily_deploy.converters.hpmix before exporting") from None
+    return op(h, logits, hp, mask, mode, scale)
 
 
 def check_mode(mode: str) -> str:
@@ -140,7 +205,7 @@ class LilyLinear(nn.Module):
         else:
             logits = self.router(h)
             mask = self.mask_for(h) if self.mode == "sample" else None
-            mix = hp_mix if self.context.use_custom_op else hp_mix_reference
+            mix = custom_op_mix if self.context.use_custom_op else hp_mix_reference
             delta = mix(h, logits, self.hp.weight, mask, self.mode, self.scale)
         return result + delta.to(result.dtype)
 
