@@ -52,18 +52,57 @@ class LilyGroup(click.Group):
                 formatter.write_dl(rows)
 
     def invoke(self, ctx):
+        debug = bool(ctx.find_root().params.get("debug") or os.environ.get("LILY_DEPLOY_DEBUG"))
         try:
             return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
         except LilyDeployError as exc:
-            if ctx.find_root().params.get("debug") or os.environ.get("LILY_DEPLOY_DEBUG"):
+            if debug:
                 raise
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
-            if ctx.find_root().params.get("debug"):
+            if debug:
                 raise
-            click.echo("interrupted: no partial output was left behind", err=True)
-            ctx.exit(130)
+            _interrupted(ctx)
+        except OSError as exc:  # a full disk, a read-only folder, a permission: the user's to fix
+            if debug:
+                raise
+            click.echo(f"error: {os_error_line(exc)}", err=True)
+            ctx.exit(1)
+        except ImportError as exc:
+            if _caused_by_interrupt(exc) and not debug:  # onnxruntime turns Ctrl-C during its import into this
+                _interrupted(ctx)
+            raise
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for an OSError: what failed, on which file, and (for the usual ones) what to do."""
+    import errno
+
+    where = f"{exc.filename}: " if exc.filename else ""
+    why = exc.strerror or str(exc)
+    hint = {errno.ENOSPC: "free some space or write the output elsewhere",
+            errno.EROFS: "write the output to a writable folder",
+            errno.EACCES: "check the file's permissions or write the output elsewhere",
+            errno.EDQUOT: "free some space or write the output elsewhere"}.get(exc.errno)
+    return f"{where}{why}" + (f" ({hint}; nothing partial was left behind)" if hint else "")
+
+
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _interrupted(ctx) -> None:
+    click.echo("interrupted: no partial output was left behind", err=True)
+    ctx.exit(130)
 
 
 @click.group(cls=LilyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -86,7 +125,11 @@ def main() -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    cli(prog_name="lily-deploy")
+    try:
+        cli(prog_name="lily-deploy")
+    except KeyboardInterrupt:  # Ctrl-C outside a command (at start-up or exit)
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
 
 
 if __name__ == "__main__":

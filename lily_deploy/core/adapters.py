@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 
 from torch import nn
 
+from . import schema
 from .errors import LilyDeployError
 from .fileio import sha256_dir
 from .models import PEFT_TASK_TO_TASK, BaseModel, load_base
@@ -61,15 +62,13 @@ def read_adapter(path: str | Path) -> AdapterInfo:
         raise LilyDeployError(f"{path} does not exist")
     if not path.is_dir() or not (path / ADAPTER_CONFIG).is_file():
         raise LilyDeployError(f"{path} is not a PEFT adapter folder (no {ADAPTER_CONFIG})")
-    try:
-        config = json.loads((path / ADAPTER_CONFIG).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LilyDeployError(f"{path / ADAPTER_CONFIG}: not valid JSON ({exc})") from None
+    config = schema.read_json(path / ADAPTER_CONFIG, {"peft_type": schema.ADAPTER_CONFIG["peft_type"]}, "adapter config")
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "LILY":
         raise LilyDeployError(
             f"{path} holds a {peft_type or 'untyped'} adapter; lily-deploy needs a Lily adapter (peft_type LILY)"
         )
+    schema.check(config, schema.ADAPTER_CONFIG, str(path / ADAPTER_CONFIG))
     weights = path / ADAPTER_WEIGHTS
     if not weights.is_file():
         extra = " (only safetensors is loaded; adapter_model.bin is not)" if (path / "adapter_model.bin").exists() else ""
@@ -77,7 +76,7 @@ def read_adapter(path: str | Path) -> AdapterInfo:
     shapes = check_safetensors(weights)
     sidecar = {}
     if (path / SIDECAR).is_file():
-        sidecar = json.loads((path / SIDECAR).read_text())
+        sidecar = schema.read_json(path / SIDECAR, schema.SIDECAR, "lily-deploy sidecar")
     return AdapterInfo(path=path, config=config, shapes=shapes, sidecar=sidecar)
 
 

@@ -119,9 +119,13 @@ def read_text_table(path: str | Path, text_column: Optional[str] = None, label_c
                 for i, line in enumerate(f, start=1):
                     if line.strip():
                         try:
-                            rows.append(json.loads(line))
+                            row = json.loads(line)
                         except json.JSONDecodeError as exc:
                             raise LilyDeployError(f"{path}: line {i} is not JSON ({exc.msg})") from None
+                        if not isinstance(row, dict):
+                            raise LilyDeployError(f"{path}: line {i} is a JSON {type(row).__name__}, "
+                                                  "expected an object like {\"text\": ..., \"label\": ...}")
+                        rows.append(row)
                     if limit and len(rows) >= limit:
                         break
             columns = list(rows[0].keys()) if rows else []
@@ -131,10 +135,13 @@ def read_text_table(path: str | Path, text_column: Optional[str] = None, label_c
                 reader = csv.DictReader(f, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL if suffix == ".csv" else csv.QUOTE_NONE)
                 columns = list(reader.fieldnames or [])
                 rows = []
-                for row in reader:
-                    rows.append(row)
-                    if limit and len(rows) >= limit:
-                        break
+                try:
+                    for row in reader:
+                        rows.append(row)
+                        if limit and len(rows) >= limit:
+                            break
+                except csv.Error as exc:  # e.g. a field over the csv module's size limit
+                    raise LilyDeployError(f"{path}: line {reader.line_num}: {exc}") from None
         else:
             raise LilyDeployError(f"{path}: unsupported data format {suffix or '(none)'}; use .tsv, .csv or .jsonl")
     except UnicodeDecodeError:

@@ -14,6 +14,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from . import schema
 from .errors import LilyDeployError
 from .lily import HPPool, LilyLinear, RoutingContext, check_mode, lily_layers, set_routing
 
@@ -179,9 +180,9 @@ def _build_architecture(path: Path, config: dict) -> tuple[nn.Module, Any]:
         return timm.create_model(name, pretrained=False, **({"num_classes": n} if n else {})), None
     import transformers
 
-    from .models import _quiet_transformers
+    from .models import quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     hf_config = transformers.AutoConfig.from_pretrained(str(path))
     auto = {
         "seq-cls": transformers.AutoModelForSequenceClassification,
@@ -200,15 +201,14 @@ def _build_architecture(path: Path, config: dict) -> tuple[nn.Module, Any]:
 
 def load_deploy(path: str | Path) -> LilyDeployModel:
     """Rebuild a deploy model from a checkpoint folder written by :func:`save_deploy`."""
-    from .peft_bridge import _set_module
+    from .peft_bridge import set_module
 
     from .weights import check_safetensors
 
     path = Path(path)
-    try:
-        config = json.loads((path / DEPLOY_CONFIG).read_text())
-    except json.JSONDecodeError as exc:
-        raise LilyDeployError(f"{path / DEPLOY_CONFIG}: not valid JSON ({exc})") from None
+    config = schema.read_json(path / DEPLOY_CONFIG, schema.DEPLOY_CONFIG, "deploy checkpoint config")
+    if config["layers"] and not config.get("lily"):
+        raise LilyDeployError(f"{path / DEPLOY_CONFIG}: field 'lily' is missing (the layers need r, num_B, scaling)")
     if config.get("format") != FORMAT:
         raise LilyDeployError(f"{path / DEPLOY_CONFIG}: unknown format {config.get('format')!r} (expected {FORMAT})")
     shapes = check_safetensors(path / WEIGHTS)
@@ -220,7 +220,10 @@ def load_deploy(path: str | Path) -> LilyDeployModel:
     pools: dict[str, HPPool] = {}
     specs = {}
     for name, spec in config["layers"].items():
-        base = model.get_submodule(name)
+        try:
+            base = model.get_submodule(name)
+        except AttributeError:
+            raise LilyDeployError(f"{path / DEPLOY_CONFIG}: layer {name} is not in the base architecture") from None
         if not isinstance(base, nn.Linear):
             raise LilyDeployError(f"{path}: layer {name} is not a Linear in the base architecture")
         r, num_hp = int(lily["r"]), int(lily["num_B"])
@@ -232,7 +235,7 @@ def load_deploy(path: str | Path) -> LilyDeployModel:
                            lily["scaling"], mode=spec["mode"], context=context)
         if spec["mode"] == "static" and spec.get("static_p") is not None:
             layer.set_static(torch.tensor(spec["static_p"]))
-        _set_module(model, name, layer)
+        set_module(model, name, layer)
         specs[name] = {k: spec[k] for k in ("target", "lp", "hp_pool")}
     from safetensors.torch import load_model as st_load_model
 

@@ -95,7 +95,17 @@ def hf_task(config) -> str:
     return "seq-cls"
 
 
-def _quiet_transformers():
+def untrusted_pickle(what: str, path: Path) -> str:
+    """The message for a pickle that ``weights_only=True`` refuses: not trusted, and how to convert it."""
+    files = sorted(p.name for p in path.glob("*.bin")) if path.is_dir() else [path.name]
+    name = files[0] if files else "pytorch_model.bin"
+    return (f"{what}: {name} is a pickle that torch.load(weights_only=True) refuses, so loading it could run code; "
+            "lily-deploy does not load untrusted pickles. If you trust its source, convert it once to safetensors, "
+            "e.g. transformers' AutoModel.from_pretrained(..., use_safetensors=False) then "
+            "save_pretrained(..., safe_serialization=True) in a sandbox, and point lily-deploy at the result")
+
+
+def quiet_transformers():
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -120,7 +130,7 @@ def load_base(
         raise LilyDeployError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     if kind == "timm":
         return _load_timm(spec[len("timm:"):], num_labels, weights, random_init)
-    _quiet_transformers()
+    quiet_transformers()
     import transformers
 
     try:
@@ -149,7 +159,11 @@ def load_base(
             model = auto.from_config(config)
         else:
             model = auto.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # transformers' errors for a damaged, unsafe or mismatched checkpoint
+        if "weights_only" in str(exc) or "pickle" in str(exc).lower():
+            raise LilyDeployError(untrusted_pickle(f"base model {spec}", Path(path))) from None
+        if not isinstance(exc, (OSError, ValueError, KeyError, RuntimeError)):
+            raise
         raise LilyDeployError(f"base model {spec}: cannot load as {task} ({str(exc).splitlines()[0]})") from None
     model.eval()
     tokenizer = None
@@ -198,3 +212,6 @@ def _load_timm(name: str, num_labels: Optional[int], weights: Optional[str], ran
     size = model.default_cfg.get("input_size", (3, 224, 224))[-1]
     return BaseModel(model=model, spec=f"timm:{name}", path=None, kind="timm", task="image-cls",
                      num_labels=getattr(model, "num_classes", num_labels), image_size=int(size))
+
+
+_quiet_transformers = quiet_transformers  # TEMPORARY alias

@@ -16,7 +16,7 @@ from .errors import LilyDeployError
 from .lily import HPPool, LilyLinear, RoutingContext, lily_layers
 
 
-def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
     setattr(parent, name, module)
@@ -76,7 +76,7 @@ def peft_to_deploy(
             replacements.append((name, layer))
             specs[name] = {"target": target, "lp": lp_ids[id(lp)], "hp_pool": pool_ids[id(peft_b)]}
     for name, new in replacements:
-        _set_module(model, name, new)
+        set_module(model, name, new)
     if not specs:
         raise LilyDeployError("the PEFT model has no Lily layers for its active adapter")
     return model, context, specs
@@ -93,7 +93,7 @@ def deploy_to_peft(deploy: Any) -> Any:
     model = copy.deepcopy(deploy.model)
     layers = lily_layers(model)
     for name, layer in layers.items():
-        _set_module(model, name, layer.base)
+        set_module(model, name, layer.base)
     if hasattr(model, "peft_config"):  # left on the base model by the PEFT model it came from
         del model.peft_config
     cfg = LilyConfig(**deploy.meta["lily"])
@@ -109,3 +109,6 @@ def deploy_to_peft(deploy: Any) -> Any:
             target.lily_router[adapter].weight.copy_(layer.router.weight)
     peft_model.eval()
     return peft_model
+
+
+_set_module = set_module  # TEMPORARY alias while stage modules move to the public name

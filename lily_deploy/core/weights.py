@@ -23,7 +23,11 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise LilyDeployError(f"{path}: cannot load with weights_only=True ({str(exc).splitlines()[0]})") from None
+        if "weights_only" in str(exc) or "pickle" in str(exc).lower():
+            from .models import untrusted_pickle
+
+            raise LilyDeployError(untrusted_pickle(f"weights file {path}", path)) from None
+        raise LilyDeployError(f"{path}: not a readable weights file ({str(exc).splitlines()[0]})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

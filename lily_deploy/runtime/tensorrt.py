@@ -13,7 +13,6 @@ shapes; outputs come back as numpy arrays (or torch tensors on request).
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -136,13 +135,15 @@ def report_path(engine: str | os.PathLike) -> Path:
 
 
 def read_report(engine: str | os.PathLike) -> Optional[dict]:
+    """The build report beside ``engine`` (None if there is none); a malformed one is one line naming the field."""
+    from ..core import schema
+
     path = report_path(engine)
     if not path.is_file():
         return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise LilyDeployError(f"{path}: not a build report ({exc})") from None
+    report = schema.read_json(path, schema.BUILD_REPORT, "build report")
+    schema.check_tensors(report, str(path))
+    return report
 
 
 # ---------------------------------------------------------------------------------------
