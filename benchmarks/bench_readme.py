@@ -55,11 +55,11 @@ def main(argv=None) -> int:
 
         make_adapter(adapter)
         print("adapter: random-but-nonzero PEFT-Lily on MiniLM (r 32, 4 HPs, LP stride 2, query+value)", flush=True)
-        fold(adapter, folded, strategy="all", random_inputs=True, size=64, progress=False)
+        fold(source=adapter, output=folded, strategy="all", random_inputs=True, size=64, progress=False)
         print("folded: every layer (--fold all)", flush=True)
         for name, src, routing in (("base", "minilm", "sample"), ("lily", adapter, "sample"),
                                    ("folded", folded, "sample")):
-            export_onnx(src, onnx[name], routing=routing)
+            export_onnx(source=src, output=onnx[name], routing=routing)
             print(f"exported {onnx[name]}", flush=True)
     cmd = ["lily-deploy", "bench", "base=minilm", f"lily={adapter}", f"folded={folded}", f"base={onnx['base']}",
            f"lily={onnx['lily']}", f"folded={onnx['folded']}", "--base", "base", "--batch-sizes", args.batch_sizes,

@@ -68,6 +68,8 @@ def main() -> None:
     import numpy as np
     import onnxruntime as ort
 
+    from lily_deploy.runtime.ort import ort_session
+
     from lily_deploy.onnx_export import export_onnx
     from lily_deploy.folding import fold
 
@@ -84,17 +86,13 @@ def main() -> None:
         "lily-deploy (sample, HPMix)": work / "lily.onnx",
         "lily-deploy folded": work / "folded.onnx",
     }
-    export_onnx("minilm", paths["base"], validate=False)
+    export_onnx(source="minilm", output=paths["base"], validation=False)
     export_naive(adapter, paths["lily naive (PEFT as is)"])
-    export_onnx(adapter, paths["lily-deploy (sample, HPMix)"], routing="sample")
-    fold(adapter, work / "folded_ckpt", strategy="all", random_inputs=True, size=8, progress=False)
-    export_onnx(work / "folded_ckpt", paths["lily-deploy folded"])
+    export_onnx(source=adapter, output=paths["lily-deploy (sample, HPMix)"], routing="sample")
+    fold(source=adapter, output=work / "folded_ckpt", strategy="all", random_inputs=True, size=8, progress=False)
+    export_onnx(source=work / "folded_ckpt", output=paths["lily-deploy folded"])
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = args.threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    sessions = {k: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for k, p in paths.items()}
+    sessions = {k: ort_session(p, threads=args.threads) for k, p in paths.items()}
     rng = np.random.default_rng(0)
     results = {}
     for bs in [int(b) for b in args.batch_sizes.split(",")]:

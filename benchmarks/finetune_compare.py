@@ -53,7 +53,7 @@ def child(args) -> None:
     rss_before = _rss_mib()
     lr = args.lr if args.method == "lily" else (args.lora_lr or args.lr)
     result = finetune(
-        args.model, args.train, args.val, args.out, method=args.method, rank=args.rank, lp_stride=args.lp_stride,
+        model=args.model, train=args.train, val=args.val, output=args.out, method=args.method, rank=args.rank, lp_stride=args.lp_stride,
         num_hp=args.num_hp, scale=args.scale, targets=args.targets.split(",") if args.targets else None,
         max_steps=args.steps, batch_size=args.batch_size, lr=lr, warmup=args.warmup, max_length=args.max_length,
         seed=args.seed, eval_every=args.eval_every or args.steps, save_every=args.steps, train_size=args.train_size,

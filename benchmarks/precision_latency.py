@@ -72,18 +72,12 @@ def make_inputs(session, batch: int, seq: int, seed: int = 0) -> dict:
 
 
 def session(path: Path, threads: int, level: str, int8_allowed: bool = False):
-    import onnxruntime as ort
+    """The project's onnxruntime session (as export, quantize, parity and bench use it) at ``level``."""
+    from lily_deploy.runtime.ort import ort_session
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = {"extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                                   "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
-    so.log_severity_level = 3
-    if int8_allowed:  # x86: fuse S8S8 Q/DQ MatMuls into int8 kernels (off by default, see lily_deploy.precision)
-        so.add_session_config_entry("session.qdqisint8allowed", "1")
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    # x86: fuse S8S8 Q/DQ MatMuls into int8 kernels (off by default, see lily_deploy.precision)
+    extra = {"session.qdqisint8allowed": "1"} if int8_allowed else None
+    return ort_session(path, threads=threads, opt_level=level, config=extra)
 
 
 def ensure_graphs(args) -> dict[str, Path]:
@@ -102,7 +96,7 @@ def ensure_graphs(args) -> dict[str, Path]:
         out = work / f"{Path(args.fp32).stem}.{name}.onnx"
         if not out.exists():
             print(f"making {out} ...", file=sys.stderr)
-            r = quantize(args.fp32, out, precision, val_size=200, max_accuracy_drop=100, **kw)
+            r = quantize(model_path=args.fp32, output=out, precision=precision, val_size=200, max_accuracy_drop=100, **kw)
             print(r.table(), file=sys.stderr)
         graphs[name] = out
     return graphs

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from ..core.config import ConfigError
 from ..core.errors import LilyDeployError
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
@@ -117,22 +118,17 @@ def inline_functions(model):
     import onnx
     import onnx.inliner
 
-    from ..converters.hpmix import DOMAIN, OP_TYPE
+    from ..converters.hpmix import DOMAIN
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
     used = {n.name for n in model.graph.node if n.name}
     for i, n in enumerate(model.graph.node):
         if not n.name:
             n.name = _unique(f"{n.op_type}_{i}", used)
-    producers = {o: n for n in model.graph.node for o in n.output}
-    calls = []
-    for n in model.graph.node:
-        if n.domain == DOMAIN and n.op_type == OP_TYPE:
-            site = AdapterSite(n.name, _layer_name(n), lp=_producer_matmul(n.input[0], producers),
-                               router=_producer_matmul(n.input[1], producers))
-            calls.append((site, list(n.input), n.output[0]))
+    calls = _hpmix_calls(model)
+    sites = [site for site, _ in calls]
     if not model.functions:
-        return model, [s for s, _, _ in calls]
+        return model, sites
     inlined = onnx.inliner.inline_local_functions(model)
     del inlined.functions[:]
     keep = [o for o in inlined.opset_import if o.domain != DOMAIN]
@@ -141,28 +137,47 @@ def inline_functions(model):
     nodes = list(inlined.graph.node)
     producers = {o: n for n in nodes for o in n.output}
     order = {id(n): i for i, n in enumerate(nodes)}  # graph order is topological
-    for site, inputs, output in calls:
-        body = _body_nodes(output, producers, order)
-        h = inputs[0]
-        on_h = {h}
-        for n in reversed(body):  # body is in reverse topological order; walk it forwards
-            if any(i in on_h for i in n.input):
-                on_h.update(n.output)
-        for n in body:
-            n.name = _unique(f"{site.hpmix}/{re.sub(r'__[0-9]+$', '', n.output[0]) or n.op_type}", used)
-        for n in reversed(body):
-            if n.op_type == "Softmax":
-                site.softmax.append(n.name)
-            elif n.op_type in QUANTIZED_OP_TYPES and any(i in on_h for i in n.input):
-                site.hp_matmuls.append(n.name)
-            elif any(i in on_h for i in n.input):
-                site.hp_path.append(n.name)
-            else:
-                site.mixing.append(n.name)
+    for site, (h, output) in calls:
+        _sort_body(site, h, _body_nodes(output, producers, order), used)
     for i, n in enumerate(inlined.graph.node):  # nested or foreign functions: name what is left
         if not n.name:
             n.name = _unique(f"{n.op_type}_inlined_{i}", used)
-    return inlined, [s for s, _, _ in calls]
+    return inlined, sites
+
+
+def _hpmix_calls(model) -> list[tuple[AdapterSite, tuple[str, str]]]:
+    """Each HPMix node as a site with its LP and router (found by position, before inlining),
+    with the tensors its body is traced between after inlining: ``h`` (input 0) and its output."""
+    from ..converters.hpmix import DOMAIN, OP_TYPE
+
+    producers = {o: n for n in model.graph.node for o in n.output}
+    calls = []
+    for n in model.graph.node:
+        if n.domain == DOMAIN and n.op_type == OP_TYPE:
+            site = AdapterSite(n.name, _layer_name(n), lp=_producer_matmul(n.input[0], producers),
+                               router=_producer_matmul(n.input[1], producers))
+            calls.append((site, (n.input[0], n.output[0])))
+    return calls
+
+
+def _sort_body(site: AdapterSite, h: str, body: list, used: set) -> None:
+    """Name an inlined HPMix body's nodes after the site and sort them: softmax, HP MatMuls
+    (MatMuls on ``h``), the rest of the ``h`` path, and the mixing-vector nodes."""
+    on_h = {h}
+    for n in reversed(body):  # body is in reverse topological order; walk it forwards
+        if any(i in on_h for i in n.input):
+            on_h.update(n.output)
+    for n in body:
+        n.name = _unique(f"{site.hpmix}/{re.sub(r'__[0-9]+$', '', n.output[0]) or n.op_type}", used)
+    for n in reversed(body):
+        if n.op_type == "Softmax":
+            site.softmax.append(n.name)
+        elif n.op_type in QUANTIZED_OP_TYPES and any(i in on_h for i in n.input):
+            site.hp_matmuls.append(n.name)
+        elif any(i in on_h for i in n.input):
+            site.hp_path.append(n.name)
+        else:
+            site.mixing.append(n.name)
 
 
 def _body_nodes(output: str, producers: dict, order: dict) -> list:
@@ -200,18 +215,19 @@ def strip_custom_domain(model) -> None:
 
 
 def resolve_exclusions(model, exclude_nodes: Sequence[str], exclude_op_types: Sequence[str]) -> list[str]:
-    """Node names for ``--exclude-nodes`` and ``--exclude-op-types``; unknown names are errors."""
+    """Node names for ``exclude_nodes`` and ``exclude_op_types``; names the graph lacks are
+    :class:`ConfigError` (known only once the graph is inlined, so not in a config's validate)."""
     names = {n.name for n in model.graph.node}
     ops = {n.op_type for n in model.graph.node}
     for name in exclude_nodes:
         if name not in names:
             similar = sorted(n for n in names if name.lower() in n.lower())[:3]
             hint = f" (did you mean {', '.join(similar)}?)" if similar else ""
-            raise LilyDeployError(f"--exclude-nodes {name}: no node of that name in the graph{hint}")
+            raise ConfigError("exclude_nodes", f"no node named {name!r} in the graph{hint}")
     for op in exclude_op_types:
         if op not in ops:
-            raise LilyDeployError(f"--exclude-op-types {op}: the graph has no {op} nodes "
-                                  f"(it has {', '.join(sorted(ops)[:12])}, ...)")
+            raise ConfigError("exclude_op_types", f"the graph has no {op} nodes "
+                              f"(it has {', '.join(sorted(ops)[:12])}, ...)")
     chosen = list(dict.fromkeys(list(exclude_nodes) +
                                 [n.name for n in model.graph.node if n.op_type in set(exclude_op_types)]))
     return chosen
@@ -223,7 +239,7 @@ def calibration_method(name: str):
     table = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
              "percentile": CalibrationMethod.Percentile}
     if name not in table:
-        raise LilyDeployError(f"--calib-method {name!r}: choose one of {', '.join(CALIB_METHODS)}")
+        raise ConfigError("calib_method", f"{name!r}: choose one of {', '.join(CALIB_METHODS)}")
     return table[name]
 
 
@@ -265,7 +281,7 @@ def quantize_int8(model, reader, method: str, plan: Plan, output_path: str,
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     if target not in INT8_TARGETS:
-        raise LilyDeployError(f"--int8-target {target!r}: choose {' or '.join(INT8_TARGETS)}")
+        raise ConfigError("int8_target", f"{target!r}: choose one of {', '.join(INT8_TARGETS)}")
     tensorrt = target == "tensorrt"
     excluded = set(plan.excluded())
     op_types = [t for t in QUANTIZED_OP_TYPES

@@ -7,11 +7,14 @@ folders) plus ``.npz`` files holding one array per model input (axis 0 = sample)
 
 Text is tokenised with the source model's tokenizer, found explicitly (``--tokenizer`` /
 ``--model``) or from the ONNX metadata (``lily_deploy.base_model``). Tokenised batches are
-cached as an ``.npz`` keyed by a hash of the data file, the tokenizer and every setting, so a
-repeated run skips tokenisation. Problems name the file and the row at fault.
+cached as an ``.npz`` keyed by a hash of the data file's content, the model's input signature,
+the tokenizer and every setting, so a repeated run skips tokenisation; the file carries a
+checksum of its tensors, and one that fails it (or cannot be read) is rebuilt with a warning,
+never used. Problems name the file and the row at fault.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -24,7 +27,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 from ..core.data import encode_batch, read_data
 from ..core.errors import LilyDeployError
 
-CACHE_FORMAT = "lily-deploy-calib/1"
+CACHE_FORMAT = "lily-deploy-calib/2"  # 2: a checksum of the cached tensors
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
                    "spiece.model", "sentencepiece.bpe.model", "special_tokens_map.json")
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -109,9 +112,9 @@ def _has_tokenizer_files(path: Path) -> bool:
 def _load_tokenizer(folder: Path, source: str) -> Tokenizer:
     import transformers
 
-    from ..core.models import _quiet_transformers
+    from ..core.models import quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     try:
         tok = transformers.AutoTokenizer.from_pretrained(str(folder))
     except Exception as exc:  # transformers raises many types for a broken folder
@@ -374,107 +377,151 @@ def load_calibration(
 
     ``exclude_rows`` are left out (the held-out validation rows are those calibration did not
     use). Fewer rows than ``size`` warn (:class:`CalibrationWarning`; a note only when not
-    ``warn_short``), or fail under ``strict``.
-    ``tokenizer`` (or a function returning it, called only for text) is needed for text data; ``cache_dir`` (None: no cache) holds the tokenised
-    batches keyed by a hash of the data, the tokenizer and every setting. ``uniform_length``
-    pads every text batch to the same length (the longest chosen row, at most ``max_length``):
-    histogram calibrators (entropy, percentile) stack the batches and need one shape.
+    ``warn_short``), or fail under ``strict``. ``tokenizer`` (or a function returning it, called
+    only for text) is needed for text data. ``cache_dir`` (None: no cache) holds the tokenised
+    batches, keyed by the data file's content, the model's input signature, the tokenizer and
+    every setting, and checked against a checksum when read back. ``uniform_length`` pads every
+    text batch to the same length (the longest chosen row, at most ``max_length``): histogram
+    calibrators (entropy, percentile) stack the batches and need one shape.
     """
-    import numpy as np
-
     path = Path(path)
     where = f"{flag} {path}"
     if not path.exists():
         raise LilyDeployError(f"{where}: does not exist")
     if batch_size <= 0:
-        raise LilyDeployError(f"--batch-size {batch_size}: must be at least 1")
+        raise LilyDeployError(f"batch_size {batch_size}: must be at least 1")
     if size is not None and size <= 0:
-        raise LilyDeployError(f"{flag.replace('--calib', '--calib-size').replace('--val', '--val-size')} {size}: must be at least 1")
-    names = [s.name for s in specs]
+        raise LilyDeployError(f"size {size}: must be at least 1")
     kind = "npz" if path.suffix.lower() == ".npz" else ("image" if path.is_dir() else "text")
     image_size = None
     if kind == "text":
-        _text_inputs_check(specs, path, flag)
-        if callable(tokenizer):  # resolved only once the data is known to be text for this model
-            tokenizer = tokenizer()
-        if tokenizer is None:
-            raise LilyDeployError(f"{where}: text data needs the model's tokenizer (--tokenizer DIR or --model DIR)")
+        tokenizer = _text_tokenizer(specs, path, flag, tokenizer)
     elif kind == "image":
         image_size = _image_inputs_check(specs, path, flag)
 
-    key = None
+    cache = None
     if cache_dir is not None and kind != "npz":  # an .npz is already tensors
-        settings = {"format": CACHE_FORMAT, "data": _data_fingerprint(path), "kind": kind, "inputs": names,
-                    "dtypes": [np.dtype(s.dtype).name for s in specs], "size": size, "seed": seed,
-                    "batch_size": batch_size, "max_length": max_length, "image_size": image_size,
-                    "tokenizer": tokenizer.identity if (tokenizer is not None and kind == "text") else None,
-                    "exclude": hashlib.sha256(json.dumps(sorted(exclude_rows)).encode()).hexdigest()[:16],
-                    "text_column": text_column, "label_column": label_column,
-                    "uniform_length": uniform_length}
-        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
-        cached = _read_cache(Path(cache_dir) / f"{key}.npz", names)
+        key = _cache_key(path, kind, specs, tokenizer, size=size, seed=seed, batch_size=batch_size,
+                         max_length=max_length, image_size=image_size, text_column=text_column,
+                         label_column=label_column, uniform_length=uniform_length,
+                         exclude=hashlib.sha256(json.dumps(sorted(exclude_rows)).encode()).hexdigest()[:16])
+        cache = Path(cache_dir) / f"{key}.npz"
+        cached = _read_cache(cache, [s.name for s in specs])
         if cached is not None:
             cached.source = path
             _warn_short(cached, size, where, strict, warn_short)
             return cached
 
-    labels_all: Optional[list[str]]
+    source = _read_source(path, kind, specs, where, text_column, label_column)
+    rows = choose_rows(source.total, size, seed, exclude_rows)
+    if not rows:
+        raise LilyDeployError(f"{where}: no rows left to use ({source.total} in the file, "
+                              f"{len(exclude_rows)} set aside)")
+    if kind == "npz":
+        encode = functools.partial(_npz_batch, source.arrays, specs)
+    elif kind == "image":
+        encode = functools.partial(_image_batch, source.items, specs, image_size, where)
+    else:
+        pad = _text_padding(tokenizer, source.items, rows, max_length, uniform_length)
+        encode = functools.partial(_text_batch, tokenizer, source.items, specs, pad, where)
+    batches = _encode_rows(encode, rows, batch_size,
+                           _progress(len(rows), f"reading {path.name}", progress and kind != "npz"))
+    labels = [source.labels[i] for i in rows] if source.labels else None
+    result = CalibSet(path, batches, rows, labels, total_rows=source.total)
+    if cache is not None:
+        _write_cache(cache, result)
+    _warn_short(result, size, where, strict, warn_short)
+    return result
+
+
+def _text_tokenizer(specs: Sequence[InputSpec], path: Path, flag: str,
+                    tokenizer: Optional[Tokenizer | Callable[[], Tokenizer]]) -> Tokenizer:
+    """The tokenizer for text data, resolved only once the data is known to be text for this model."""
+    _text_inputs_check(specs, path, flag)
+    if callable(tokenizer):
+        tokenizer = tokenizer()
+    if tokenizer is None:
+        raise LilyDeployError(f"{flag} {path}: text data needs the model's tokenizer (--tokenizer DIR or --model DIR)")
+    return tokenizer
+
+
+@dataclass
+class _Source:
+    """A data file read once: its items (texts, image files) or arrays (.npz), labels and row count."""
+
+    total: int
+    labels: Optional[list[str]]
+    items: Sequence = ()
+    arrays: Optional[dict] = None
+
+
+def _read_source(path: Path, kind: str, specs: Sequence[InputSpec], where: str,
+                 text_column: Optional[str], label_column: Optional[str]) -> _Source:
     if kind == "npz":
         arrays = _read_npz(path, where)
         total = _check_npz_arrays(arrays, specs, where)
-        labels_all = [str(v) for v in arrays[LABEL_KEY].tolist()] if LABEL_KEY in arrays else None
-    else:
-        data = read_data(path, text_column=text_column, label_column=label_column)
-        items = data.files if kind == "image" else data.texts
-        total = len(items)
-        labels_all = list(data.labels) if data.labels is not None else None
-    rows = choose_rows(total, size, seed, exclude_rows)
-    if not rows:
-        raise LilyDeployError(f"{where}: no rows left to use ({total} in the file, {len(exclude_rows)} set aside)")
+        labels = [str(v) for v in arrays[LABEL_KEY].tolist()] if LABEL_KEY in arrays else None
+        return _Source(total, labels, arrays=arrays)
+    data = read_data(path, text_column=text_column, label_column=label_column)
+    items = data.files if kind == "image" else data.texts
+    return _Source(len(items), list(data.labels) if data.labels is not None else None, items=items)
 
-    pad = {"padding": True}
-    if kind == "text" and uniform_length:
-        longest = max(len(ids) for ids in tokenizer.tokenizer([items[i] for i in rows], truncation=True,
-                                                              max_length=max_length)["input_ids"])
-        pad = {"padding": "max_length", "max_length": longest}
-    batches: list[dict] = []
-    starts = range(0, len(rows), batch_size)
-    bar = _progress(len(rows), f"reading {path.name}", progress and kind != "npz")
+
+def _encode_rows(encode: Callable[[list[int]], dict], rows: list[int], batch_size: int, bar) -> list[dict]:
+    """``encode`` each ``batch_size`` chunk of ``rows``, advancing the progress bar (if any)."""
+    batches = []
     try:
-        for start in starts:
+        for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
-            if kind == "npz":
-                batch = {s.name: np.ascontiguousarray(arrays[s.name][chunk]).astype(s.dtype, copy=False) for s in specs}
-            elif kind == "image":
-                from ..core.data import load_images
-
-                files = [items[i] for i in chunk]
-                pixels = load_images(files, image_size).numpy().astype(specs[0].dtype, copy=False)
-                _check_finite(pixels, IMAGE_INPUT, where, row_names=[f"image {f}" for f in files])
-                batch = {IMAGE_INPUT: pixels}
-            else:
-                enc = tokenizer.tokenizer([items[i] for i in chunk], truncation=True, return_tensors="np",
-                                          **{"max_length": max_length, **pad})
-                batch = {}
-                for s in specs:
-                    if s.name in enc:
-                        batch[s.name] = np.asarray(enc[s.name]).astype(s.dtype, copy=False)
-                    elif s.name == "token_type_ids":  # BERT-family default: one segment
-                        batch[s.name] = np.zeros_like(np.asarray(enc["input_ids"]), dtype=s.dtype)
-                    else:
-                        raise LilyDeployError(f"{where}: the tokenizer ({tokenizer.source}) gives no {s.name!r}, "
-                                              "which the model takes")
-            batches.append(batch)
+            batches.append(encode(chunk))
             if bar is not None:
                 bar.update(len(chunk))
     finally:
         if bar is not None:
             bar.close()
-    result = CalibSet(path, batches, rows, [labels_all[i] for i in rows] if labels_all else None, total_rows=total)
-    if key is not None:
-        _write_cache(Path(cache_dir) / f"{key}.npz", result)
-    _warn_short(result, size, where, strict, warn_short)
-    return result
+    return batches
+
+
+def _npz_batch(arrays: dict, specs: Sequence[InputSpec], chunk: list[int]) -> dict:
+    import numpy as np
+
+    return {s.name: np.ascontiguousarray(arrays[s.name][chunk]).astype(s.dtype, copy=False) for s in specs}
+
+
+def _image_batch(items: Sequence[Path], specs: Sequence[InputSpec], image_size: int, where: str,
+                 chunk: list[int]) -> dict:
+    from ..core.data import load_images
+
+    files = [items[i] for i in chunk]
+    pixels = load_images(files, image_size).numpy().astype(specs[0].dtype, copy=False)
+    _check_finite(pixels, IMAGE_INPUT, where, row_names=[f"image {f}" for f in files])
+    return {IMAGE_INPUT: pixels}
+
+
+def _text_padding(tokenizer: Tokenizer, texts: Sequence[str], rows: list[int], max_length: int,
+                  uniform_length: bool) -> dict:
+    """Tokenizer padding arguments: to each batch's longest row, or (``uniform_length``) to the longest chosen row."""
+    if not uniform_length:
+        return {"padding": True, "max_length": max_length}
+    ids = tokenizer.tokenizer([texts[i] for i in rows], truncation=True, max_length=max_length)["input_ids"]
+    return {"padding": "max_length", "max_length": max(len(i) for i in ids)}
+
+
+def _text_batch(tokenizer: Tokenizer, texts: Sequence[str], specs: Sequence[InputSpec], pad: dict, where: str,
+                chunk: list[int]) -> dict:
+    import numpy as np
+
+    enc = tokenizer.tokenizer([texts[i] for i in chunk], truncation=True, return_tensors="np", **pad)
+    batch = {}
+    for s in specs:
+        if s.name in enc:
+            batch[s.name] = np.asarray(enc[s.name]).astype(s.dtype, copy=False)
+        elif s.name == "token_type_ids":  # BERT-family default: one segment
+            batch[s.name] = np.zeros_like(np.asarray(enc["input_ids"]), dtype=s.dtype)
+        else:
+            raise LilyDeployError(f"{where}: the tokenizer ({tokenizer.source}) gives no {s.name!r}, "
+                                  "which the model takes")
+    return batch
 
 
 def _warn_short(cs: CalibSet, size: Optional[int], where: str, strict: bool, warn: bool = True) -> None:
@@ -482,7 +529,7 @@ def _warn_short(cs: CalibSet, size: Optional[int], where: str, strict: bool, war
         return
     msg = f"{where}: {len(cs)} samples available, fewer than the {size} asked for"
     if strict:
-        raise LilyDeployError(f"{msg} (--strict)")
+        raise LilyDeployError(f"{msg} (strict)")
     cs.notes.append(msg)
     if warn:
         warnings.warn(f"{msg}; continuing with {len(cs)}", CalibrationWarning, stacklevel=3)
@@ -498,8 +545,36 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="row", leave=False, file=__import__("sys").stderr)
 
 
+def _cache_key(path: Path, kind: str, specs: Sequence[InputSpec], tokenizer: Optional[Tokenizer],
+               **settings) -> str:
+    """Hash of what the cached tensors depend on: the data's content, the model's input signature,
+    the tokenizer's files and every setting; any change is a different cache file."""
+    import numpy as np
+
+    key = {"format": CACHE_FORMAT, "data": _data_fingerprint(path), "kind": kind,
+           "inputs": [[s.name, np.dtype(s.dtype).name, [str(d) for d in s.shape]] for s in specs],
+           "tokenizer": tokenizer.identity if (tokenizer is not None and kind == "text") else None, **settings}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _tensor_checksum(arrays: dict) -> str:
+    """sha256 over every array's name, dtype, shape and bytes: what a cache read must find again."""
+    import numpy as np
+
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}\0{a.dtype.str}\0{list(a.shape)}\0".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _cache_warning(file: Path, why: str) -> None:
+    warnings.warn(f"calibration cache {file} {why}; rebuilding it", CalibrationWarning, stacklevel=4)
+
+
 def _write_cache(file: Path, cs: CalibSet) -> None:
-    """Write the batches atomically; a cache that cannot be written is skipped, not an error."""
+    """Write the batches and their checksum atomically; a cache that cannot be written is skipped, not an error."""
     import numpy as np
 
     from ..core.fileio import atomic_file
@@ -508,8 +583,9 @@ def _write_cache(file: Path, cs: CalibSet) -> None:
     arrays["rows"] = np.asarray(cs.rows, dtype=np.int64)
     if cs.labels is not None:
         arrays["labels"] = np.asarray(cs.labels, dtype=str)
-    arrays["meta"] = np.asarray(json.dumps({"format": CACHE_FORMAT, "batches": len(cs.batches),
-                                            "total_rows": cs.total_rows}))
+    meta = {"format": CACHE_FORMAT, "batches": len(cs.batches), "total_rows": cs.total_rows,
+            "checksum": _tensor_checksum(arrays)}
+    arrays["meta"] = np.asarray(json.dumps(meta))
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(file, "--cache-dir") as tmp, open(tmp, "wb") as f:
@@ -519,6 +595,7 @@ def _write_cache(file: Path, cs: CalibSet) -> None:
 
 
 def _read_cache(file: Path, names: Sequence[str]) -> Optional[CalibSet]:
+    """The cached set, or None: absent (silently), or unreadable / not matching its checksum (a warning)."""
     import numpy as np
 
     if not file.is_file():
@@ -526,11 +603,21 @@ def _read_cache(file: Path, names: Sequence[str]) -> Optional[CalibSet]:
     try:
         with np.load(file, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
-            if meta.get("format") != CACHE_FORMAT:
-                return None
-            batches = [{n: z[f"b{i}/{n}"] for n in names} for i in range(meta["batches"])]
-            rows = [int(v) for v in z["rows"]]
-            labels = [str(v) for v in z["labels"]] if "labels" in z.files else None
-    except Exception:  # a broken or foreign cache file is ignored and rewritten
+            arrays = {k: z[k] for k in z.files if k != "meta"}
+    except Exception as exc:  # garbage, truncated or foreign: zipfile/ValueError/OSError/KeyError/JSON errors
+        _cache_warning(file, f"is unreadable ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]})")
         return None
+    if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT or "checksum" not in meta:
+        _cache_warning(file, "is not a lily-deploy calibration cache of this version")
+        return None
+    if _tensor_checksum(arrays) != meta["checksum"]:
+        _cache_warning(file, "does not match its checksum (its tensors changed on disk)")
+        return None
+    try:
+        batches = [{n: arrays[f"b{i}/{n}"] for n in names} for i in range(int(meta["batches"]))]
+        rows = [int(v) for v in arrays["rows"]]
+    except (KeyError, TypeError, ValueError):
+        _cache_warning(file, "lacks the batches or rows it should hold")
+        return None
+    labels = [str(v) for v in arrays["labels"]] if "labels" in arrays else None
     return CalibSet(file, batches, rows, labels, total_rows=int(meta.get("total_rows", 0)), from_cache=True)

@@ -19,8 +19,9 @@ from typing import Optional, Sequence
 from .calib import qdq
 from .calib.readers import CalibSet, default_cache_dir, load_calibration, onnx_input_specs, resolve_tokenizer
 
+from .core.config import ConfigError, StageConfig, check_choice, check_number
 from .core.errors import LilyDeployError
-from .core.fileio import check_output_parent, sha256_file
+from .core.fileio import check_not_input, check_output_parent, sha256_file
 from .runtime.onnx_io import load_onnx, metadata, set_metadata, staged_onnx
 from .runtime.ort import OrtRunner
 
@@ -190,7 +191,7 @@ def validate(reference: Path, candidate: Path, data: CalibSet, precision: str, l
     if not np.isfinite(cand).all():
         bad = int(np.argmax(~np.isfinite(cand).all(axis=1)))
         raise LilyDeployError(f"the {precision} graph gives non-finite {out_name} on {source}, row {data.rows[bad] + 1}: "
-                              "exclude the overflowing nodes (--exclude-nodes / --exclude-op-types)")
+                              "exclude the overflowing nodes (exclude_nodes / exclude_op_types)")
     diff = np.abs(cand - ref)
     agreement = float((cand.argmax(-1) == ref.argmax(-1)).mean())
     acc_ref = acc_q = None
@@ -209,177 +210,223 @@ def validate(reference: Path, candidate: Path, data: CalibSet, precision: str, l
                       acc_ref, acc_q, max_drop)
 
 
-def quantize(
-    model_path: str | os.PathLike,
-    output: str | os.PathLike,
-    precision: str = "int8",
-    calib: Optional[str | os.PathLike] = None,
-    calib_method: str = "minmax",
-    calib_size: int = DEFAULT_CALIB_SIZE,
-    seed: int = 0,
-    batch_size: int = 16,
-    max_length: int = 128,
-    val: Optional[str | os.PathLike] = None,
-    val_size: Optional[int] = DEFAULT_VAL_SIZE,
-    max_accuracy_drop: float = DEFAULT_MAX_DROP,
-    adapter_precision: Optional[str] = None,
-    exclude_nodes: Sequence[str] = (),
-    exclude_op_types: Sequence[str] = (),
-    keep_sensitive: bool = True,
-    min_sqnr: Optional[float] = DEFAULT_MIN_SQNR,
-    int8_target: str = "tensorrt",
-    tokenizer: Optional[str] = None,
-    model: Optional[str] = None,
-    text_column: Optional[str] = None,
-    label_column: Optional[str] = None,
-    cache_dir: Optional[str | os.PathLike] = "default",
-    strict: bool = False,
-    keep_on_failure: bool = False,
-    progress: bool = True,
-) -> QuantizeResult:
-    """Write an ``int8`` (Q/DQ) or ``fp16`` version of ``model_path`` to ``output``, validated.
+@dataclass(frozen=True)
+class QuantizeConfig(StageConfig):
+    """What :func:`quantize` writes and how; the fields are its keyword parameters.
 
     ``calib`` (required for int8) gives the calibration rows; validation uses ``val`` or, by
-    default, rows of ``calib`` that calibration did not use. The file is written only when the
-    accuracy drop is within ``max_accuracy_drop`` points (or with ``keep_on_failure``); the
-    result carries the validation either way. ``adapter_precision`` (default: ``precision``)
-    says whether the adapter's LP/router/HP MatMuls follow the model or stay fp32. ``min_sqnr``
-    (int8): MatMul/Gemm nodes whose activation input loses more than this to int8 on the
-    calibration rows (signal-to-quantization-noise ratio in dB) are re-quantized as fp32.
-    ``int8_target``: "tensorrt" (symmetric int8 activations, what TensorRT builds) or
-    "onnxruntime" (asymmetric uint8 activations, what onnxruntime's x86 int8 kernels run fast;
-    TensorRT rejects it).
-    ``cache_dir``: "default" (``~/.cache/lily-deploy/calib``), a folder, or None for no cache.
+    default, rows of ``calib`` that calibration did not use (``calib_size``/``val_size`` None:
+    every row). The file is written only when the accuracy drop is within
+    ``max_accuracy_drop`` points (or with ``keep_on_failure``). ``adapter_precision`` (None:
+    ``precision``) says whether the adapter's LP/router/HP MatMuls follow the model or stay
+    fp32. ``min_sqnr`` (int8): MatMul/Gemm nodes whose activation input loses more than this
+    to int8 on the calibration rows (signal-to-quantization-noise ratio in dB) are
+    re-quantized as fp32. ``int8_target``: "tensorrt" (symmetric int8 activations, what
+    TensorRT builds) or "onnxruntime" (asymmetric uint8 activations, what onnxruntime's x86
+    int8 kernels run fast; TensorRT rejects it). ``cache_dir``: the calibration cache (default
+    ``~/.cache/lily-deploy/calib``), or None for none.
     """
+
+    model_path: str | os.PathLike
+    output: str | os.PathLike
+    precision: str = "int8"
+    calib: Optional[str | os.PathLike] = None
+    calib_method: str = "minmax"
+    calib_size: Optional[int] = DEFAULT_CALIB_SIZE
+    seed: int = 0
+    batch_size: int = 16
+    max_length: int = 128
+    val: Optional[str | os.PathLike] = None
+    val_size: Optional[int] = DEFAULT_VAL_SIZE
+    max_accuracy_drop: float = DEFAULT_MAX_DROP
+    adapter_precision: Optional[str] = None
+    exclude_nodes: Sequence[str] = ()
+    exclude_op_types: Sequence[str] = ()
+    keep_sensitive: bool = True
+    min_sqnr: Optional[float] = DEFAULT_MIN_SQNR
+    int8_target: str = "tensorrt"
+    tokenizer: Optional[str] = None
+    model: Optional[str] = None
+    text_column: Optional[str] = None
+    label_column: Optional[str] = None
+    cache_dir: Optional[str | os.PathLike] = field(default_factory=default_cache_dir)
+    strict: bool = False
+    keep_on_failure: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("exclude_nodes", "exclude_op_types"):  # a lone string is one name, not its letters
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value or ()))
+        super().__post_init__()
+
+    def validate(self) -> None:
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("adapter_precision", self.adapter_precision, (self.precision, "fp32"), allow_none=True)
+        check_choice("calib_method", self.calib_method, qdq.CALIB_METHODS)
+        check_choice("int8_target", self.int8_target, qdq.INT8_TARGETS)
+        for name in ("calib_size", "val_size"):
+            check_number(name, getattr(self, name), minimum=1, integer=True, allow_none=True)
+        check_number("seed", self.seed, integer=True)
+        check_number("batch_size", self.batch_size, minimum=1, integer=True)
+        check_number("max_length", self.max_length, minimum=1, integer=True)
+        check_number("max_accuracy_drop", self.max_accuracy_drop, minimum=0)
+        check_number("min_sqnr", self.min_sqnr, allow_none=True)
+        if self.min_sqnr is not None and self.precision != "int8":
+            raise ConfigError("min_sqnr", "is for int8 (fp16 keeps sensitive ops fp32 by op type)")
+        if self.precision == "int8" and self.calib is None:
+            raise ConfigError("calib", "int8 needs calibration data (TSV/CSV/JSONL, image folder or .npz)")
+        if self.calib is None and self.val is None:
+            raise ConfigError("val", f"{self.precision} ends with a validation: give validation data "
+                                     "(or calibration data, whose unused rows are held out)")
+
+    @property
+    def adapter(self) -> str:
+        """The adapter MatMuls' precision: ``adapter_precision``, or the model's."""
+        return self.adapter_precision or self.precision
+
+
+def quantize(config: Optional[QuantizeConfig] = None, /, **fields) -> QuantizeResult:
+    """Write an ``int8`` (Q/DQ) or ``fp16`` version of ``model_path`` to ``output``, validated.
+
+    The fields are :class:`QuantizeConfig`'s. The result carries the validation whether or not
+    the file was written.
+    """
+    config = QuantizeConfig.resolve(config, **fields)
     started = time.perf_counter()
-    model_path, output = Path(model_path), Path(output)
-    if precision not in PRECISIONS:
-        raise LilyDeployError(f"precision {precision!r}: choose --int8 or --fp16")
-    check_output_parent(output, "-o")
-    if output.exists() and output.resolve() == model_path.resolve():
-        raise LilyDeployError(f"-o {output}: is the input model; write the {precision} graph to another file")
-    if output.is_dir():
-        raise LilyDeployError(f"-o {output}: is a folder; give the ONNX file's path")
-    adapter_precision = adapter_precision or precision
-    allowed = (precision, "fp32")
-    if adapter_precision not in allowed:
-        raise LilyDeployError(f"--adapter-precision {adapter_precision}: with --{precision} choose "
-                              f"{' or '.join(allowed)}")
-    if precision == "int8":
-        if calib is None:
-            raise LilyDeployError("--int8 needs calibration data: --calib FILE (TSV/CSV/JSONL, image folder or .npz)")
-        qdq.calibration_method(calib_method)  # validates the name early
-        if int8_target not in qdq.INT8_TARGETS:
-            raise LilyDeployError(f"--int8-target {int8_target!r}: choose {' or '.join(qdq.INT8_TARGETS)}")
-    if min_sqnr is not None and precision != "int8":
-        raise LilyDeployError("--min-sqnr is for --int8 (--fp16 keeps sensitive ops fp32 by op type)")
-    if max_accuracy_drop < 0:
-        raise LilyDeployError(f"--max-accuracy-drop {max_accuracy_drop}: must be >= 0 (points)")
-    if calib is None and val is None:
-        raise LilyDeployError(f"--{precision} ends with a validation: give --val FILE (or --calib FILE)")
-
-    source = load_onnx(model_path, external_data=True)
-    reason = qdq.quantized_reason(source)
-    if reason:
-        raise LilyDeployError(f"{model_path} is already quantized: {reason}; quantize the fp32 export instead")
-    specs = onnx_input_specs(source)
-    meta = metadata(source)
-    if cache_dir == "default":
-        cache_dir = default_cache_dir()
-
-    tok_cache = {}
-
-    def get_tokenizer():
-        if "t" not in tok_cache:
-            tok_cache["t"] = resolve_tokenizer(tokenizer, model, meta.get("lily_deploy.base_model"), str(model_path))
-        return tok_cache["t"]
-
-    common = dict(specs=specs, seed=seed, batch_size=batch_size, max_length=max_length, text_column=text_column,
-                  label_column=label_column, cache_dir=cache_dir, progress=progress)
-    result = QuantizeResult(output, precision, adapter_precision, 0, method=calib_method if precision == "int8" else None,
-                            int8_target=int8_target)
-    calib_set = None
-    if precision == "int8":
-        calib_set = load_calibration(calib, size=calib_size, strict=strict, flag="--calib",
-                                     uniform_length=calib_method != "minmax",
-                                     tokenizer=get_tokenizer, **common)
-        result.calib, result.calib_rows = Path(calib).name, len(calib_set)
-    if val is not None:
-        val_set = load_calibration(val, size=val_size, strict=False, flag="--val", warn_short=False,
-                                   tokenizer=get_tokenizer, **common)
-        val_source = f"{len(val_set)} rows of {Path(val).name}"
-    else:
-        used = calib_set.rows if calib_set is not None else []
-        if calib_set is not None and len(used) >= calib_set.total_rows:
-            msg = (f"--calib {calib}: every row went to calibration, none is left for validation; "
-                   "give --val FILE for a held-out measure")
-            if strict:
-                raise LilyDeployError(f"{msg} (--strict)")
-            result.notes.append(msg + "; validated on the calibration rows")
-            val_set, val_source = calib_set, f"the {len(calib_set)} calibration rows of {Path(calib).name}"
-        else:
-            val_set = load_calibration(calib, size=val_size, strict=False, flag="--calib", exclude_rows=used,
-                                       warn_short=False, tokenizer=get_tokenizer,
-                                       **common)
-            kind = "held-out " if used else ""
-            val_source = f"{len(val_set)} {kind}rows of {Path(calib).name}"
-
+    model_path, output = Path(config.model_path), Path(config.output)
+    _check_output(config, model_path, output)
+    source, meta = _load_source(model_path)
     inlined, sites = qdq.inline_functions(source)
-    result.adapter_layers = len(sites)
-    user = qdq.resolve_exclusions(inlined, exclude_nodes, exclude_op_types)
-    if precision == "int8":
-        plan = qdq.int8_plan(inlined, sites, adapter_precision, user)
+    user = qdq.resolve_exclusions(inlined, config.exclude_nodes, config.exclude_op_types)
+    if config.precision == "int8":
+        plan = qdq.int8_plan(inlined, sites, config.adapter, user)
     else:
-        plan = qdq.fp16_plan(inlined, sites, adapter_precision, user, keep_sensitive=keep_sensitive)
-    result.kept_fp32 = plan.kept_fp32
+        plan = qdq.fp16_plan(inlined, sites, config.adapter, user, keep_sensitive=config.keep_sensitive)
+    result = QuantizeResult(output, config.precision, config.adapter, len(sites),
+                            method=config.calib_method if config.precision == "int8" else None,
+                            int8_target=config.int8_target, kept_fp32=plan.kept_fp32)
+    calib_set, val_set, val_source = _data_sets(config, onnx_input_specs(source), meta, result)
 
     with staged_onnx(output) as staged:
-        tmpdir = staged.folder
-        if precision == "int8":
-            raw, ranges = tmpdir / "quantized.onnx", tmpdir / "ranges.json"
-            qdq.quantize_int8(inlined, calib_set.reader(), calib_method, plan, str(raw), str(ranges), int8_target)
-            converted = load_onnx(raw, external_data=True)
-            result.sqnr = qdq.activation_sqnr(inlined, converted, calib_set.batches)
-            result.min_sqnr = min_sqnr
-            lossy = sorted(n for n, db in result.sqnr.items() if min_sqnr is not None and db < min_sqnr)
-            if lossy:  # second pass: the same calibrated ranges, the lossy nodes left fp32
-                plan.kept_fp32[SQNR_KEY] = lossy
-                qdq.quantize_int8(inlined, None, calib_method, plan, str(raw), str(ranges), int8_target)
-                converted = load_onnx(raw, external_data=True)
-            counts = qdq.count_quantized(converted)
-            result.int8_matmuls = len(counts["int8_matmuls"])
-            if not counts["int8_matmuls"]:
-                raise LilyDeployError("quantization produced no int8 MatMul/Gemm; check --exclude-nodes/--exclude-op-types")
-            raw.unlink()
+        if config.precision == "int8":
+            converted = _convert_int8(config, inlined, plan, calib_set, staged.folder, result)
         else:
             converted = qdq.convert_fp16(inlined, plan)
         qdq.strip_custom_domain(converted)
-        info = {
-            "precision": precision,
-            "format": "QDQ" if precision == "int8" else "casts",
-            "adapter_precision": adapter_precision,
-            "adapter_layers": [{"node": s.hpmix, "layer": s.layer, "lp": s.lp, "router": s.router,
-                                "hp_matmuls": s.hp_matmuls} for s in sites],
-            "kept_fp32": {k: len(v) for k, v in plan.kept_fp32.items()},
-            "source_onnx_sha256": sha256_file(model_path),
-        }
-        if precision == "int8":
-            info.update({"target": int8_target, "activations": qdq.ACTIVATION_FORM[int8_target],
-                         "weights": "int8 symmetric per-channel",
-                         "bias": "float", "calib_method": calib_method, "calib_data": str(Path(calib).name),
-                         "calib_rows": len(calib_set), "calib_seed": seed, "int8_matmuls": result.int8_matmuls,
-                         "min_sqnr_db": min_sqnr, "input_sqnr_db": result.sqnr})
-        new_meta = {**meta, "lily_deploy.precision": precision, "lily_deploy.quantization": info,
+        info = _quantization_info(config, model_path, sites, plan, calib_set, result)
+        new_meta = {**meta, "lily_deploy.precision": config.precision, "lily_deploy.quantization": info,
                     "lily_deploy.excluded_nodes": plan.excluded()}
         set_metadata(converted, new_meta)
         staged.write(converted)
-        result.validation = validate(model_path, staged.path, val_set, precision, _labels_from_meta(meta),
-                                     max_accuracy_drop, val_source, progress)
+        result.validation = validate(model_path, staged.path, val_set, config.precision, _labels_from_meta(meta),
+                                     config.max_accuracy_drop, val_source, config.progress)
         info["validation"] = result.validation.to_json()
         set_metadata(converted, {**new_meta, "lily_deploy.quantization": info})
         staged.write(converted)
-        if result.passed or keep_on_failure:
+        if result.passed or config.keep_on_failure:
             staged.commit()
             result.written = True
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _check_output(config: QuantizeConfig, model_path: Path, output: Path) -> None:
+    """Refuse, before any work, an output that cannot be written or would overwrite an input."""
+    check_output_parent(output, "-o")
+    check_not_input(output, {"ONNX model": model_path, "calibration data": config.calib,
+                             "validation data": config.val}, "-o")
+    if output.is_dir():
+        raise LilyDeployError(f"-o {output}: is a folder; give the ONNX file's path")
+
+
+def _load_source(model_path: Path):
+    """The fp32 graph (weights loaded) and its metadata; an already quantized graph is refused."""
+    source = load_onnx(model_path, external_data=True)
+    reason = qdq.quantized_reason(source)
+    if reason:
+        raise LilyDeployError(f"{model_path} is already quantized: {reason}; quantize the fp32 export instead")
+    return source, metadata(source)
+
+
+def _data_sets(config: QuantizeConfig, specs, meta: dict, result: QuantizeResult):
+    """The calibration set (int8), the validation set and a phrase naming the validation rows.
+
+    Validation uses ``val`` when given, else the rows of ``calib`` calibration did not use (or,
+    with a note, the calibration rows themselves when none is left).
+    """
+    tok_cache = {}
+
+    def get_tokenizer():  # resolved once, and only for text data
+        if "t" not in tok_cache:
+            tok_cache["t"] = resolve_tokenizer(config.tokenizer, config.model, meta.get("lily_deploy.base_model"),
+                                               str(config.model_path))
+        return tok_cache["t"]
+
+    common = dict(specs=specs, seed=config.seed, batch_size=config.batch_size, max_length=config.max_length,
+                  text_column=config.text_column, label_column=config.label_column, cache_dir=config.cache_dir,
+                  progress=config.progress, tokenizer=get_tokenizer)
+    calib, calib_set = config.calib, None
+    if config.precision == "int8":
+        calib_set = load_calibration(calib, size=config.calib_size, strict=config.strict, flag="--calib",
+                                     uniform_length=config.calib_method != "minmax", **common)
+        result.calib, result.calib_rows = Path(calib).name, len(calib_set)
+    if config.val is not None:
+        val_set = load_calibration(config.val, size=config.val_size, strict=False, flag="--val", warn_short=False,
+                                   **common)
+        return calib_set, val_set, f"{len(val_set)} rows of {Path(config.val).name}"
+    used = calib_set.rows if calib_set is not None else []
+    if calib_set is not None and len(used) >= calib_set.total_rows:
+        msg = (f"--calib {calib}: every row went to calibration, none is left for validation; "
+               "give separate validation data (val) for a held-out measure")
+        if config.strict:
+            raise LilyDeployError(f"{msg} (strict)")
+        result.notes.append(msg + "; validated on the calibration rows")
+        return calib_set, calib_set, f"the {len(calib_set)} calibration rows of {Path(calib).name}"
+    val_set = load_calibration(calib, size=config.val_size, strict=False, flag="--calib", exclude_rows=used,
+                               warn_short=False, **common)
+    kind = "held-out " if used else ""
+    return calib_set, val_set, f"{len(val_set)} {kind}rows of {Path(calib).name}"
+
+
+def _convert_int8(config: QuantizeConfig, inlined, plan: qdq.Plan, calib_set: CalibSet, folder: Path,
+                  result: QuantizeResult):
+    """Calibrate and insert Q/DQ; with ``min_sqnr``, a second pass on the same calibrated ranges
+    leaves fp32 the MatMul/Gemm nodes whose inputs lost too much to int8 in the first."""
+    raw, ranges = folder / "quantized.onnx", folder / "ranges.json"
+    qdq.quantize_int8(inlined, calib_set.reader(), config.calib_method, plan, str(raw), str(ranges),
+                      config.int8_target)
+    converted = load_onnx(raw, external_data=True)
+    result.sqnr = qdq.activation_sqnr(inlined, converted, calib_set.batches)
+    result.min_sqnr = config.min_sqnr
+    lossy = sorted(n for n, db in result.sqnr.items() if config.min_sqnr is not None and db < config.min_sqnr)
+    if lossy:
+        plan.kept_fp32[SQNR_KEY] = lossy
+        qdq.quantize_int8(inlined, None, config.calib_method, plan, str(raw), str(ranges), config.int8_target)
+        converted = load_onnx(raw, external_data=True)
+    result.int8_matmuls = len(qdq.count_quantized(converted)["int8_matmuls"])
+    if not result.int8_matmuls:
+        raise LilyDeployError("quantization produced no int8 MatMul/Gemm; check exclude_nodes/exclude_op_types")
+    raw.unlink()
+    return converted
+
+
+def _quantization_info(config: QuantizeConfig, model_path: Path, sites, plan: qdq.Plan,
+                       calib_set: Optional[CalibSet], result: QuantizeResult) -> dict:
+    """The ``lily_deploy.quantization`` metadata: what was converted, kept fp32 and calibrated on."""
+    info = {
+        "precision": config.precision,
+        "format": "QDQ" if config.precision == "int8" else "casts",
+        "adapter_precision": config.adapter,
+        "adapter_layers": [{"node": s.hpmix, "layer": s.layer, "lp": s.lp, "router": s.router,
+                            "hp_matmuls": s.hp_matmuls} for s in sites],
+        "kept_fp32": {k: len(v) for k, v in plan.kept_fp32.items()},
+        "source_onnx_sha256": sha256_file(model_path),
+    }
+    if config.precision == "int8":
+        info.update({"target": config.int8_target, "activations": qdq.ACTIVATION_FORM[config.int8_target],
+                     "weights": "int8 symmetric per-channel",
+                     "bias": "float", "calib_method": config.calib_method, "calib_data": str(Path(config.calib).name),
+                     "calib_rows": len(calib_set), "calib_seed": config.seed, "int8_matmuls": result.int8_matmuls,
+                     "min_sqnr_db": config.min_sqnr, "input_sqnr_db": result.sqnr})
+    return info

@@ -11,10 +11,11 @@ Routing:
   the (local) batch, padding included. Under DDP each process mixes over ITS OWN local batch, so
   the result depends on the number of processes (the log says so).
 * ``sample`` -- PEFT's Lily layers get the deploy semantics (one mixing vector per sample over its
-  non-padding tokens, ``converters.hpmix.hp_mix_reference``); the attention mask reaches them through
-  a forward pre-hook on the model. Batch-invariant, so DDP with any number of processes gives the
-  result of one process with the same global batch (up to float rounding), and training matches
-  what ``--routing sample`` deploys.
+  non-padding tokens, ``core.lily.hp_mix_reference``) through forward hooks on PEFT's public
+  modules (:func:`route_lily_layers`); the attention mask reaches them through a forward pre-hook
+  on the model. Batch-invariant, so DDP with any number of processes gives the result of one
+  process with the same global batch (up to float rounding), and training matches what
+  ``--routing sample`` deploys.
 
 Distributed: launched by ``torchrun`` (``WORLD_SIZE`` > 1) it runs DDP (gloo on CPU, nccl on GPU).
 ``batch_size`` is the GLOBAL batch of one forward pass; each global batch is cut into contiguous,
@@ -39,12 +40,12 @@ import shutil
 import sys
 import tempfile
 import time
-import types
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from .core.config import ConfigError, StageConfig, check_choice, check_number
 from .core.errors import LilyDeployError
 
 METHODS = ("lily", "lora")
@@ -56,6 +57,95 @@ HEAD_NAMES = ("classifier", "score", "head", "fc")
 RESUME_KEYS = ("model", "method", "rank", "lp_stride", "num_hp", "scale", "targets", "routing", "batch_size",
                "grad_accum", "lr", "weight_decay", "warmup", "max_length", "seed", "train", "train_size",
                "text_column", "label_column", "lora_rank", "max_grad_norm")
+# PEFT releases whose Lily forward tests/test_training_peft.py pins (pyproject.toml carries the same bounds)
+PEFT_TESTED = ((0, 19), (0, 22))
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+# ---------------------------------------------------------------- the config
+@dataclass(frozen=True)
+class FinetuneConfig(StageConfig):
+    """Everything one :func:`finetune` run needs; see :func:`finetune` for what the fields mean.
+
+    Optional fields are None only where None means "absent": no ``val`` (keep the last step), no
+    ``targets`` (PEFT's defaults for the model type), no ``lora_rank`` (matched to Lily's count),
+    no ``max_steps`` (train ``epochs``), no ``eval_every`` (each epoch), no ``max_grad_norm`` (no
+    clipping), no ``train_size``/``val_size`` (all rows), no columns (detected), no ``log`` (stderr).
+    """
+
+    model: str
+    train: str | os.PathLike
+    output: str | os.PathLike
+    val: Optional[str | os.PathLike] = None
+    method: str = "lily"
+    rank: int = 16
+    lp_stride: int = 2
+    num_hp: int = 4
+    scale: float = 1.0
+    targets: Optional[Sequence[str]] = None
+    lora_rank: Optional[int] = None
+    epochs: float = 3.0
+    max_steps: Optional[int] = None
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    warmup: float = 0.06
+    max_grad_norm: Optional[float] = 1.0
+    max_length: int = 128
+    seed: int = 0
+    eval_every: Optional[int] = None
+    save_every: int = 100
+    routing: str = "batch"
+    text_column: Optional[str] = None
+    label_column: Optional[str] = None
+    train_size: Optional[int] = None
+    val_size: Optional[int] = None
+    resume: bool = False
+    overwrite: bool = False
+    device: str = "auto"
+    progress: bool = True
+    log: Optional[Callable[[str], None]] = None
+
+    def validate(self) -> None:
+        self._check_paths()
+        check_choice("method", self.method, METHODS)
+        check_choice("routing", self.routing, ROUTINGS)
+        if self.method == "lora" and self.routing != "batch":
+            raise ConfigError("routing", "sample applies to Lily only; LoRA has no router")
+        for name in ("rank", "lp_stride", "num_hp", "batch_size", "grad_accum", "max_length", "save_every"):
+            check_number(name, getattr(self, name), 1, integer=True)
+        for name in ("max_steps", "eval_every", "lora_rank", "train_size", "val_size"):
+            check_number(name, getattr(self, name), 1, integer=True, allow_none=True)
+        check_number("epochs", self.epochs, 0, strict_min=True)
+        for name in ("lr", "warmup", "weight_decay"):
+            check_number(name, getattr(self, name), 0)
+        check_number("max_grad_norm", self.max_grad_norm, 0, allow_none=True)
+        check_number("scale", self.scale)
+        check_number("seed", self.seed, 0, 2**32 - 1, integer=True)  # numpy's seed range
+        self._check_names()
+        if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
+            raise ConfigError("device", f"{self.device!r}: expected cpu, cuda, cuda:N or auto")
+
+    def _check_paths(self) -> None:
+        for name in ("model", "train", "output", "val"):
+            value = getattr(self, name)
+            if value is None and name == "val":
+                continue
+            if not isinstance(value, (str, os.PathLike)) or not str(value):
+                raise ConfigError(name, f"expected a path, got {value!r}")
+
+    def _check_names(self) -> None:
+        """``targets`` a list of module names (a bare string would be read letter by letter); columns names."""
+        if self.targets is not None:
+            if isinstance(self.targets, str) or not all(isinstance(t, str) for t in self.targets):
+                raise ConfigError("targets", f"expected a list of module names, got {self.targets!r}")
+            if not any(t.strip() for t in self.targets):
+                raise ConfigError("targets", "expected module names, e.g. query,value")
+        for name in ("text_column", "label_column"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ConfigError(name, f"expected a column name, got {value!r}")
 
 
 @dataclass
@@ -98,6 +188,16 @@ class LabelledData:
         return len(self.items)
 
 
+@dataclass
+class TrainingData:
+    """The training and (optional) validation rows, the label map both use, and the task they make."""
+
+    train: LabelledData
+    val: Optional[LabelledData]
+    label_map: Any
+    task: str
+
+
 def _subset(n: int, size: Optional[int], seed: int) -> list[int]:
     idx = list(range(n))
     if size is None or size >= n:
@@ -107,46 +207,54 @@ def _subset(n: int, size: Optional[int], seed: int) -> list[int]:
     return sorted(idx[:size])
 
 
-def load_data(train: str | Path, val: Optional[str | Path], text_column: Optional[str] = None,
-              label_column: Optional[str] = None, train_size: Optional[int] = None,
-              val_size: Optional[int] = None, seed: int = 0):
-    """``(train, val, label_map, task)``; every way the data can be unusable is a one-line error."""
-    from .core.data import ImageFolder, LabelMap, read_data
+def _read_rows(path, flag: str, size: Optional[int], config: FinetuneConfig) -> tuple[list, list, str]:
+    """``(items, labels, kind)`` of one data file or image folder, cut to a seeded subset of ``size`` rows."""
+    from .core.data import ImageFolder, read_data
 
-    def read(path, flag, size):
-        try:
-            table = read_data(path, text_column=text_column, label_column=label_column, require_labels=True)
-        except LilyDeployError as exc:
-            raise LilyDeployError(f"{flag}: {exc}") from None
-        if isinstance(table, ImageFolder):
-            items, labels, kind = table.files, table.labels, "image"
-        else:
-            items, labels, kind = table.texts, table.labels, "text"
-        keep = _subset(len(items), size, seed)
-        return [items[i] for i in keep], [labels[i] for i in keep], kind, table
+    try:
+        table = read_data(path, text_column=config.text_column, label_column=config.label_column,
+                          require_labels=True)
+    except LilyDeployError as exc:
+        raise LilyDeployError(f"{flag}: {exc}") from None
+    if isinstance(table, ImageFolder):
+        items, labels, kind = table.files, table.labels, "image"
+    else:
+        items, labels, kind = table.texts, table.labels, "text"
+    keep = _subset(len(items), size, config.seed)
+    return [items[i] for i in keep], [labels[i] for i in keep], kind
 
-    tr_items, tr_labels, kind, _ = read(train, "--train", train_size)
-    if not tr_items:
+
+def _read_val(config: FinetuneConfig, label_map, kind: str) -> LabelledData:
+    """The validation rows, which must be the training data's kind and use only its labels."""
+    val, train = config.val, config.train
+    items, labels, v_kind = _read_rows(val, "--val", config.val_size, config)
+    if v_kind != kind:
+        raise LilyDeployError(f"--val {val}: holds {v_kind} data but --train {train} holds {kind} data")
+    for row, v in enumerate(labels, start=1):
+        if str(v) not in label_map.index:
+            raise LilyDeployError(
+                f"--val {val}: row {row} has label {v!r}, which is not in --train {train} "
+                f"(train labels: {', '.join(label_map.labels)})"
+            )
+    return LabelledData(Path(val), items, label_map.encode(labels, f"--val {val}"), kind)
+
+
+def load_data(config: FinetuneConfig) -> TrainingData:
+    """The run's data; every way it can be unusable is a one-line error naming the file."""
+    from .core.data import LabelMap
+
+    train = config.train
+    items, labels, kind = _read_rows(train, "--train", config.train_size, config)
+    if not items:
         raise LilyDeployError(f"--train {train}: no examples")
-    label_map = LabelMap.from_values(tr_labels)
+    label_map = LabelMap.from_values(labels)
     if len(label_map) < 2:
         raise LilyDeployError(
             f"--train {train}: every example has label {label_map.labels[0]!r}; classification needs at least 2 classes"
         )
-    train_data = LabelledData(Path(train), tr_items, label_map.encode(tr_labels, f"--train {train}"), kind)
-    val_data = None
-    if val is not None:
-        v_items, v_labels, v_kind, _ = read(val, "--val", val_size)
-        if v_kind != kind:
-            raise LilyDeployError(f"--val {val}: holds {v_kind} data but --train {train} holds {kind} data")
-        for row, v in enumerate(v_labels, start=1):
-            if str(v) not in label_map.index:
-                raise LilyDeployError(
-                    f"--val {val}: row {row} has label {v!r}, which is not in --train {train} "
-                    f"(train labels: {', '.join(label_map.labels)})"
-                )
-        val_data = LabelledData(Path(val), v_items, label_map.encode(v_labels, f"--val {val}"), kind)
-    return train_data, val_data, label_map, ("image-cls" if kind == "image" else "seq-cls")
+    train_data = LabelledData(Path(train), items, label_map.encode(labels, f"--train {train}"), kind)
+    val_data = _read_val(config, label_map, kind) if config.val is not None else None
+    return TrainingData(train_data, val_data, label_map, "image-cls" if kind == "image" else "seq-cls")
 
 
 # ---------------------------------------------------------------- targets and parameter counts
@@ -195,54 +303,75 @@ def abbreviate(names: Sequence[str], limit: int = 12) -> str:
     return ", ".join(out[:limit]) + more
 
 
-def _matches(name: str, target: str) -> bool:
-    return name == target or name.endswith("." + target)
+def target_of(name: str, targets) -> Optional[str]:
+    """The entry of ``targets`` PEFT files layer ``name`` under, or None when no entry adapts it.
+
+    The one target rule (adapting, counting and the deploy conversion all use it), as PEFT has it:
+    a layer is adapted when its path IS an entry or ends in ``.entry``, and it shares LPs and an HP
+    pool with the layers of the entry its path ends with. A string (PEFT's regex form) is one
+    group. When a path ends with several entries (``dense`` and ``intermediate.dense``) PEFT
+    picks one by set order, which changes between processes: :func:`resolve_targets` refuses such
+    targets, and here the longest wins.
+    """
+    if isinstance(targets, str):
+        return targets
+    targets = list(targets or [])
+    if not any(name == t or name.endswith("." + t) for t in targets):
+        return None
+    return max((t for t in targets if name.endswith(t)), key=len)
+
+
+def _default_targets(model, model_name: str, linears) -> list[str]:
+    from peft.utils import TRANSFORMERS_MODELS_TO_LILY_TARGET_MODULES_MAPPING as defaults
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    targets = defaults.get(model_type)
+    if not targets:
+        raise LilyDeployError(
+            f"no default targets for {model_name} ({model_type or type(model).__name__}); name them, e.g. "
+            f"query,value; its Linear modules are: {abbreviate(list(linears))}"
+        )
+    return list(targets)
 
 
 def resolve_targets(model, targets: Optional[Sequence[str]], head: str, model_name: str) -> tuple[list[str], list[str]]:
     """``(targets, adapted layer names)``; a target that matches no Linear is an error listing those that exist."""
     linears = linear_modules(model, head)
-    if not targets:
-        from peft.utils import TRANSFORMERS_MODELS_TO_LILY_TARGET_MODULES_MAPPING as defaults
-
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        targets = defaults.get(model_type)
-        if not targets:
-            raise LilyDeployError(
-                f"no default --targets for {model_name} ({model_type or type(model).__name__}); name them, e.g. "
-                f"--targets query,value; its Linear modules are: {abbreviate(list(linears))}"
-            )
-    targets = [t.strip() for t in targets if t and t.strip()]
+    targets = _default_targets(model, model_name, linears) if not targets else targets
+    targets = list(dict.fromkeys(t.strip() for t in targets if t and t.strip()))
     for t in targets:
-        if not any(_matches(n, t) for n in linears):
+        if not any(target_of(n, [t]) for n in linears):
             raise LilyDeployError(
-                f"--targets {t!r} matches no Linear module of {model_name} (the head {head!r} is trained in full "
+                f"targets {t!r} matches no Linear module of {model_name} (the head {head!r} is trained in full "
                 f"and cannot be a target); its Linear modules are: {abbreviate(list(linears))}"
             )
-    adapted = [n for n in linears if any(_matches(n, t) for t in targets)]
-    return list(targets), adapted
+    adapted = [n for n in linears if target_of(n, targets)]
+    for n in adapted:
+        ends = [t for t in targets if n.endswith(t)]
+        if len(ends) > 1:
+            raise LilyDeployError(
+                f"targets {ends[0]!r} and {ends[1]!r} both end layer {n}; PEFT would share its LP and HP pool with "
+                "either group at random; name each kind of layer by one entry"
+            )
+    return targets, adapted
 
 
 def lily_param_count(model, adapted: Sequence[str], targets: Sequence[str], rank: int, num_hp: int,
                      stride: int) -> int:
     """Trainable Lily parameters, counted the way PEFT shares them (without building the adapter).
 
-    PEFT groups adapted layers by (last matching target in list order, weight shape): one HP pool
-    ``num_hp*r x d_out`` per group, one LP ``r x d_in`` per ``stride`` consecutive layers of a group,
-    one router ``num_hp x r`` per layer.
+    PEFT groups adapted layers by (:func:`target_of`, weight shape): one HP pool ``num_hp*r x
+    d_out`` per group, one LP ``r x d_in`` per ``stride`` consecutive layers of a group, one
+    router ``num_hp x r`` per layer.
     """
     modules = dict(model.named_modules())
-    groups: dict[tuple, list] = {}
+    groups: dict[tuple, int] = {}
     for name in adapted:
-        m = modules[name]
-        suffix = None
-        for t in targets:
-            if name.endswith(t):
-                suffix = t
-        groups.setdefault((suffix, tuple(m.weight.shape)), []).append(m)
+        key = (target_of(name, targets), tuple(modules[name].weight.shape))
+        groups[key] = groups.get(key, 0) + 1
     total = 0
     for (_, (d_out, d_in)), layers in groups.items():
-        total += num_hp * rank * d_out + math.ceil(len(layers) / stride) * rank * d_in + len(layers) * rank * num_hp
+        total += num_hp * rank * d_out + math.ceil(layers / stride) * rank * d_in + layers * rank * num_hp
     return total
 
 
@@ -255,62 +384,109 @@ def lora_rank_for(model, adapted: Sequence[str], budget: int) -> tuple[int, int]
     return rank, rank * per_rank
 
 
-# ---------------------------------------------------------------- sample routing on PEFT's layers
-class MaskContext:
-    """The attention mask of the forward pass in flight, for layers that cannot see it."""
+# ---------------------------------------------------------------- PEFT's Lily: version guard and routing
+def check_peft_version() -> None:
+    """Refuse a PEFT whose Lily forward the tests have not pinned (tests/test_training_peft.py)."""
+    import peft
+    from packaging.version import Version
 
-    def __init__(self) -> None:
-        self.mask = None
-
-
-def _sample_forward(self, x, *args, **kwargs):
-    """PEFT Lily ``Linear.forward`` with per-sample routing over non-padding tokens."""
-    from .converters.hpmix import hp_mix_reference
-
-    result = self.base_layer(x, *args, **kwargs)
-    if self.disable_adapters or not self.active_adapters:
-        return result
-    for adapter in self.active_adapters:
-        if adapter not in self.lily_A:
-            continue
-        lp = self.lily_A[adapter]
-        h = lp(self._cast_input_dtype(x, lp.weight.dtype))
-        logits = self.lily_router[adapter](h)
-        mask = self._lily_mask_context.mask
-        if mask is None or h.dim() != 3 or mask.dim() != 2 or tuple(mask.shape) != tuple(h.shape[:2]):
-            mask = None
-        delta = hp_mix_reference(h, logits, self.lily_B[adapter].weight, mask, "sample", self.scaling[adapter])
-        result = result + delta.to(result.dtype)
-    return result
+    (lo, hi), found = PEFT_TESTED, Version(peft.__version__).release[:2]
+    if not lo <= found < hi:
+        spec = f"peft>={lo[0]}.{lo[1]},<{hi[0]}.{hi[1]}"
+        raise LilyDeployError(f"peft {peft.__version__} is not supported: lily-deploy trains PEFT's Lily as "
+                              f"tested with {spec} (pip install '{spec}')")
 
 
-def enable_sample_routing(peft_model) -> MaskContext:
-    """Give every PEFT Lily layer of ``peft_model`` sample routing; the model's forward feeds it the mask.
+class RoutingHooks:
+    """The hooks :func:`route_lily_layers` set; ``remove()`` gives the layers PEFT's own routing back."""
 
-    The layers stay PEFT's (saving, loading and parameter names are unchanged); only their
-    ``forward`` is replaced on the instance.
+    def __init__(self, context, handles: list) -> None:
+        self.context = context  # core.lily.RoutingContext: the attention mask of the forward pass in flight
+        self.handles = handles
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+def _token_mask(mask, h):
+    """The model's attention mask when it lines up with this layer's tokens ``h [B, T, r]``, else None."""
+    if mask is None or h.dim() != 3 or mask.dim() != 2 or tuple(mask.shape) != tuple(h.shape[:2]):
+        return None
+    return mask
+
+
+def _hook_layer(layer, context, mode: str) -> list:
+    """Hooks that make one PEFT Lily layer add ``hp_mix_reference(mode)`` instead of its batch mix.
+
+    PEFT's forward runs as it is (its dtype casts, adapter switches, shared LPs): a hook on its
+    ``base_layer`` keeps the base output, one on each ``lily_router[adapter]`` keeps the router's
+    input ``h`` and logits, and the layer's own forward hook returns base + our update in place
+    of PEFT's result. PEFT's own mix is computed and dropped (an ``r x d_out`` matmul a token).
+    When the adapter is disabled no router runs and PEFT's output stands.
     """
-    from peft.tuners.lily.layer import Linear as PeftLilyLinear
+    from .core.lily import hp_mix_reference
 
-    ctx = MaskContext()
-    n = 0
+    seen: dict = {}
+
+    def keep_base(module, args, output):
+        seen.clear()  # the base layer runs first in every call: a fresh record
+        seen["base"] = output
+
+    def keep_router(adapter):
+        def hook(module, args, output):
+            seen.setdefault("routed", []).append((adapter, args[0], output))
+        return hook
+
+    def mix(module, args, output):
+        base, routed = seen.pop("base", None), seen.pop("routed", [])
+        if base is None or not routed:
+            return None
+        result = base
+        for adapter, h, logits in routed:
+            mask = _token_mask(context.mask, h) if mode == "sample" else None
+            delta = hp_mix_reference(h, logits, module.lily_B[adapter].weight, mask, mode, module.scaling[adapter])
+            result = result + delta.to(result.dtype)
+        return result
+
+    handles = [layer.base_layer.register_forward_hook(keep_base)]
+    handles += [router.register_forward_hook(keep_router(a)) for a, router in layer.lily_router.items()]
+    handles.append(layer.register_forward_hook(mix))
+    return handles
+
+
+def route_lily_layers(peft_model, mode: str = "sample") -> RoutingHooks:
+    """Give every PEFT Lily layer of ``peft_model`` the deploy layer's routing ``mode``, through hooks.
+
+    The layers stay PEFT's (saving, loading and parameter names are unchanged) and so does their
+    ``forward``; ``mode="batch"`` reproduces PEFT's result, which the tests use to pin PEFT's math.
+    """
+    from peft.tuners.lily.layer import LilyLayer
+
+    from .core.lily import RoutingContext
+    from .core.modes import DYNAMIC_MODES
+
+    check_peft_version()
+    if mode not in DYNAMIC_MODES:
+        raise LilyDeployError(f"routing {mode!r}: choose one of {', '.join(DYNAMIC_MODES)}")
+    context = RoutingContext()
+    handles: list = []
     for module in peft_model.modules():
-        if isinstance(module, PeftLilyLinear):
-            module._lily_mask_context = ctx
-            module.forward = types.MethodType(_sample_forward, module)
-            n += 1
-    if not n:
-        raise LilyDeployError("--routing sample: the model has no Lily layers")
+        if isinstance(module, LilyLayer):
+            handles += _hook_layer(module, context, mode)
+    if not handles:
+        raise LilyDeployError(f"routing {mode}: the model has no Lily layers")
 
-    def pre_hook(module, args, kwargs):
-        ctx.mask = kwargs.get("attention_mask")
+    def keep_mask(module, args, kwargs):
+        context.mask = kwargs.get("attention_mask")
 
-    def post_hook(module, args, kwargs, output):
-        ctx.mask = None
+    def drop_mask(module, args, kwargs, output):
+        context.mask = None
 
-    peft_model.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    peft_model.register_forward_hook(post_hook, with_kwargs=True, always_call=True)
-    return ctx
+    handles.append(peft_model.register_forward_pre_hook(keep_mask, with_kwargs=True))
+    handles.append(peft_model.register_forward_hook(drop_mask, with_kwargs=True, always_call=True))
+    return RoutingHooks(context, handles)
 
 
 # ---------------------------------------------------------------- distributed
@@ -330,17 +506,17 @@ class Dist:
         return self.world > 1
 
 
-def init_distributed(device: Optional[str]) -> Dist:
+def init_distributed(device: str = "auto") -> Dist:
     """One process, or DDP when launched by torchrun (gloo on CPU, nccl on CUDA)."""
     import torch
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device in (None, "auto"):
+    if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LilyDeployError(f"--device {device}: CUDA is not available on this machine")
+        raise LilyDeployError(f"device {device!r}: CUDA is not available on this machine")
     if device == "cuda" and world > 1:
         device = f"cuda:{local_rank}"
     dev = torch.device(device)
@@ -363,6 +539,14 @@ def split_for_rank(items: Sequence, rank: int, world: int) -> list:
     return list(items[start:start + base + (1 if rank < extra else 0)])
 
 
+def _barrier(d: Dist) -> None:
+    """Under DDP, wait for every rank (a no-op in one process)."""
+    if d.active:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def _all_reduce(values, d: Dist):
     import torch
 
@@ -381,6 +565,45 @@ def lr_factor(step: int, warmup_steps: int, total: int) -> float:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The run's length, learning-rate shape and data order, from the config and the number of training rows."""
+
+    rows: int
+    batch_size: int
+    grad_accum: int
+    seed: int
+    micro_per_epoch: int  # global batches in one pass over the data
+    steps_per_epoch: int
+    total: int
+    warmup_steps: int
+    eval_every: int
+
+    @classmethod
+    def plan(cls, config: FinetuneConfig, rows: int) -> "Schedule":
+        micro = math.ceil(rows / config.batch_size)
+        per_epoch = math.ceil(micro / config.grad_accum)
+        total = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
+        warmup = int(round(config.warmup * total)) if config.warmup < 1 else int(config.warmup)
+        return cls(rows, config.batch_size, config.grad_accum, config.seed, micro, per_epoch, total, warmup,
+                   config.eval_every or per_epoch)
+
+    def lr_factor(self, step: int) -> float:
+        return lr_factor(step, self.warmup_steps, self.total)
+
+    def micro_batches(self, step: int, world: int) -> list[list[int]]:
+        """The global batches (row indices) of optimizer step ``step``: a seeded order per epoch, and no
+        batch smaller than the number of processes (each rank needs a row)."""
+        import torch
+
+        epoch, k = divmod(step, self.steps_per_epoch)
+        order = torch.randperm(self.rows, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)).tolist()
+        bs = self.batch_size
+        chunks = [order[i * bs:(i + 1) * bs]
+                  for i in range(k * self.grad_accum, min((k + 1) * self.grad_accum, self.micro_per_epoch))]
+        return [c for c in chunks if len(c) >= world]
 
 
 def _rng_state(device) -> dict:
@@ -407,13 +630,13 @@ def _set_rng_state(state: dict, device) -> None:
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
-def _readable(path: Path) -> None:
+def _readable(folder: Path) -> None:
     """safetensors writes 0600 files; outputs get the umask's usual permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for p in [path] if path.is_file() else path.iterdir():
+    from .core.fileio import publish_mode
+
+    for p in folder.iterdir():
         if p.is_file():
-            os.chmod(p, 0o666 & ~umask)
+            publish_mode(p)
 
 
 def _trainable(model) -> dict:
@@ -475,6 +698,8 @@ def save_adapter(out: Path, model, sidecar: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+
+
 # ---------------------------------------------------------------- the model
 @dataclass
 class BuiltModel:
@@ -508,6 +733,7 @@ def build_model(base, method: str = "lily", rank: int = 16, lp_stride: int = 2, 
     if method == "lily":
         from peft import LilyConfig
 
+        check_peft_version()
         config = LilyConfig(r=rank, stride_A=lp_stride, num_B=num_hp, scaling=scale, target_modules=targets,
                             modules_to_save=[head], task_type=task_type)
     else:
@@ -519,8 +745,98 @@ def build_model(base, method: str = "lily", rank: int = 16, lp_stride: int = 2, 
         warnings.simplefilter("ignore", FutureWarning)
         peft_model = get_peft_model(base.model, config)
     if method == "lily" and routing == "sample":
-        enable_sample_routing(peft_model)
+        route_lily_layers(peft_model, "sample")
     return BuiltModel(peft_model, head, list(targets), adapted, lily_count, matched_rank, lora_count)
+
+
+@dataclass
+class Prepared:
+    """A run's data and PEFT model (on its device), with the trainable parameters and their counts."""
+
+    data: TrainingData
+    base: Any
+    built: BuiltModel
+    params: dict
+    trainable: int
+    adapter: int
+
+    @property
+    def head(self) -> int:
+        return self.trainable - self.adapter
+
+
+def prepare(config: FinetuneConfig, d: Dist) -> Prepared:
+    """Data, then the model, seeded in between: the head's and the adapter's initialisation draw from the global RNG."""
+    import numpy as np
+    import torch
+
+    from .core.models import load_base
+
+    data = load_data(config)
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    base = load_base(config.model, task=data.task, num_labels=len(data.label_map), labels=data.label_map.labels)
+    if base.task != data.task:
+        raise LilyDeployError(f"--model {config.model}: a {base.task} model cannot learn {data.task} data")
+    built = build_model(base, method=config.method, rank=config.rank, lp_stride=config.lp_stride,
+                        num_hp=config.num_hp, scale=config.scale, targets=config.targets, lora_rank=config.lora_rank,
+                        routing=config.routing)
+    built.peft_model.to(d.device)
+    params = _trainable(built.peft_model)
+    trainable = sum(p.numel() for p in params.values())
+    adapter = sum(p.numel() for n, p in params.items() if not _in_head(n, built.head))
+    return Prepared(data, base, built, params, trainable, adapter)
+
+
+def _ddp_note(config: FinetuneConfig, d: Dist) -> str:
+    """What DDP does to this run's result (batch routing mixes per process)."""
+    if config.method == "lora":
+        note = "LoRA has no router: same result as one process with the same global batch"
+    elif config.routing == "batch":
+        note = (f"each process mixes over its own local batch (about {config.batch_size // d.world} of the global "
+                f"{config.batch_size}), so results depend on the process count; use --routing sample for "
+                "batch-invariant training")
+    else:
+        note = "batch-invariant routing: same result as one process with the same global batch"
+    return (f"DDP: {d.world} processes ({'nccl' if d.device.type == 'cuda' else 'gloo'}), "
+            f"routing {config.routing}: {note}")
+
+
+def describe_run(config: FinetuneConfig, p: Prepared, d: Dist, say: Callable[[str], None]) -> None:
+    """The run's opening lines: what is adapted, how many parameters train, and what DDP means for it."""
+    b = p.built
+    say(f"finetune: {config.method} on {p.base.spec} ({p.data.task}, {len(p.data.label_map)} labels, "
+        f"{len(b.adapted)} layers: {abbreviate(b.adapted, 4)})")
+    say(f"trainable parameters: Lily adapter {b.lily_params:,} (r {config.rank}, {config.num_hp} HPs, LP stride "
+        f"{config.lp_stride}) vs LoRA adapter {b.lora_params:,} (r {b.lora_rank}); this run: {config.method} "
+        f"{p.adapter:,} + head {p.head:,} = {p.trainable:,}")
+    if d.active:
+        say(_ddp_note(config, d))
+
+
+def run_settings(config: FinetuneConfig, p: Prepared) -> dict:
+    """The settings a ``resume`` must share with the run it continues (kept in the log and the checkpoint)."""
+    run = {k: getattr(config, k) for k in RESUME_KEYS}
+    run.update(model=str(config.model), targets=p.built.targets,
+               lora_rank=p.built.lora_rank if config.method == "lora" else None,
+               train=str(Path(config.train).resolve()))
+    return run
+
+
+def sidecar_for(config: FinetuneConfig, p: Prepared) -> dict:
+    """``lily_deploy.json`` of the saved adapter: what deploying it needs besides PEFT's files."""
+    model = str(config.model)
+    return {
+        "base_model": p.base.spec if (p.base.spec != model or not Path(model).exists()) else str(Path(model).resolve()),
+        "task": p.data.task,
+        "labels": p.data.label_map.labels,
+        "routing": config.routing if config.method == "lily" else None,
+        "method": config.method,
+        "text_column": config.text_column,
+        "label_column": config.label_column,
+        "max_length": config.max_length,
+    }
 
 
 # ---------------------------------------------------------------- the training run
@@ -528,283 +844,203 @@ def _echo(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _num(value, flag: str, minimum=None, integer=False):
-    if value is None:
-        return None
-    if isinstance(value, float) and not math.isfinite(value):
-        raise LilyDeployError(f"{flag} {value}: must be a finite number")
-    if minimum is not None and value < minimum:
-        raise LilyDeployError(f"{flag} {value}: must be >= {minimum}")
-    return int(value) if integer else value
+def _silent(msg: str) -> None:
+    """What ranks other than the main one say: nothing (rank 0 speaks for the run)."""
 
 
-def finetune(
-    model: str,
-    train: str | Path,
-    val: Optional[str | Path],
-    output: str | Path,
-    *,
-    method: str = "lily",
-    rank: int = 16,
-    lp_stride: int = 2,
-    num_hp: int = 4,
-    scale: float = 1.0,
-    targets: Optional[Sequence[str]] = None,
-    lora_rank: Optional[int] = None,
-    epochs: Optional[float] = None,
-    max_steps: Optional[int] = None,
-    batch_size: int = 32,
-    lr: float = 3e-3,
-    weight_decay: float = 0.0,
-    warmup: float = 0.06,
-    max_length: int = 128,
-    seed: int = 0,
-    eval_every: Optional[int] = None,
-    save_every: int = 100,
-    grad_accum: int = 1,
-    max_grad_norm: Optional[float] = 1.0,
-    routing: str = "batch",
-    text_column: Optional[str] = None,
-    label_column: Optional[str] = None,
-    train_size: Optional[int] = None,
-    val_size: Optional[int] = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    device: Optional[str] = None,
-    progress: bool = True,
-    log: Optional[Callable[[str], None]] = None,
-    _stop_after_step: Optional[int] = None,
-    _nan_at_step: Optional[int] = None,
-) -> FinetuneResult:
-    """Fine-tune ``model`` (a spec for :func:`lily_deploy.models.load_base`) on ``train``; keep the best adapter.
+@dataclass
+class _Faults:
+    """Faults the tests inject into a run (``monkeypatch.setattr(training._FAULTS, ...)``); never set otherwise."""
 
-    ``method="lily"`` trains PEFT's Lily (``rank``, ``lp_stride`` layers per LP, ``num_hp`` HPs
-    per pool, ``scale``) on ``targets``; ``method="lora"`` trains PEFT's LoRA on the same layers
-    at the rank whose parameter count is closest to that Lily's (``lora_rank`` overrides), with
-    ``lora_alpha = 2 * rank``. ``warmup`` < 1 is a fraction of the steps, >= 1 a number of steps.
-    Training length: ``max_steps`` optimizer steps if given, else ``epochs`` (default 3).
-    ``batch_size`` is the global batch of one forward pass (split across DDP ranks); an optimizer
-    step takes ``grad_accum`` of them. With ``routing="batch"`` under DDP each rank mixes over its
-    local slice only (PEFT semantics per process); ``"sample"`` is batch-invariant.
-
-    ``_stop_after_step`` (raise KeyboardInterrupt after that step) and ``_nan_at_step`` (make that
-    step's loss NaN) are test hooks for the resume and divergence paths.
-    """
-    args = dict(locals())
-    from .core.fileio import check_output_parent
-
-    # ---- arguments
-    if method not in METHODS:
-        raise LilyDeployError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
-    if routing not in ROUTINGS:
-        raise LilyDeployError(f"--routing {routing!r}: choose one of {', '.join(ROUTINGS)}")
-    if method == "lora" and routing != "batch":
-        raise LilyDeployError("--routing sample applies to Lily only; LoRA has no router (drop --routing)")
-    for flag, value, minimum in (("--rank", rank, 1), ("--lp-stride", lp_stride, 1), ("--num-hp", num_hp, 1),
-                                 ("--batch-size", batch_size, 1), ("--grad-accum", grad_accum, 1),
-                                 ("--max-length", max_length, 1), ("--save-every", save_every, 1)):
-        _num(value, flag, minimum, integer=True)
-    _num(max_steps, "--max-steps", 1, integer=True)
-    _num(eval_every, "--eval-every", 1, integer=True)
-    _num(lora_rank, "--lora-rank", 1, integer=True)
-    _num(epochs, "--epochs", 0)
-    _num(lr, "--lr", 0.0)
-    _num(warmup, "--warmup", 0.0)
-    _num(weight_decay, "--weight-decay", 0.0)
-    _num(scale, "--scale")
-    if epochs is not None and epochs <= 0:
-        raise LilyDeployError(f"--epochs {epochs}: must be > 0")
-    out = check_output_parent(output, "-o")
-    if out.exists() and not out.is_dir():
-        raise LilyDeployError(f"-o {out}: exists and is not a folder")
-    ckpt_path = out / CHECKPOINT
-    if resume and not (ckpt_path / "state.json").is_file():
-        raise LilyDeployError(f"--resume: {ckpt_path} does not exist (no earlier run to continue in -o {out})")
-    if not resume and out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise LilyDeployError(f"-o {out}: folder is not empty; pass --resume to continue the run in it "
-                                  f"or --overwrite to start over")
-
-    d = init_distributed(device)
-    say = (log or _echo) if d.main else (lambda msg: None)
-    try:
-        return _run(args, d, say, out, ckpt_path)
-    finally:
-        if d.active:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+    nan_at_step: Optional[int] = None  # that (1-based) step's loss becomes NaN: a diverged step
+    stop_after_step: Optional[int] = None  # KeyboardInterrupt once that step is done: a killed run
 
 
-def _run(a: dict, d: Dist, say: Callable[[str], None], out: Path, ckpt_path: Path) -> FinetuneResult:
-    """The training loop of :func:`finetune` (arguments already checked)."""
-    import numpy as np
+_FAULTS = _Faults()
+
+
+class RunLog:
+    """``train_log.jsonl``: one JSON record a line, written by the main process (a resumed run appends)."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path = path
+        self._file = open(path, "a", encoding="utf-8") if enabled else None
+
+    def write(self, record: dict) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step did: its mean loss, gradient norm (before clipping), rows and seconds."""
+
+    loss: float
+    grad_norm: float
+    samples: int
+    seconds: float
+
+
+def make_optimizer(params: dict, config: FinetuneConfig, schedule: Schedule):
+    """AdamW (weight decay on matrices only) and the warm-up + cosine schedule."""
     import torch
-    import torch.nn.functional as F
-    from tqdm.auto import tqdm
 
-    from .core.data import encode_batch
-    from .core.models import load_base
+    decay = [p for p in params.values() if p.dim() >= 2]
+    no_decay = [p for p in params.values() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    # a plain function, which LambdaLR leaves out of its state_dict (the schedule is rebuilt on resume)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule.lr_factor(step))
+    return optimizer, scheduler
 
-    method, routing, seed = a["method"], a["routing"], a["seed"]
-    batch_size, grad_accum = a["batch_size"], a["grad_accum"]
 
-    if d.main and a["overwrite"] and not a["resume"] and out.exists():
-        for child in out.iterdir():
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-    if d.active:
-        import torch.distributed as dist
+class Trainer:
+    """One run over a prepared model: its optimizer and schedule, and step, evaluate, checkpoint and resume."""
 
-        dist.barrier()
+    def __init__(self, config: FinetuneConfig, d: Dist, say: Callable[[str], None], out: Path, p: Prepared):
+        self.config, self.d, self.say, self.out, self.p = config, d, say, out, p
+        self.model = p.built.peft_model
+        self.train_model = self.model  # wrapped in DDP by open() when distributed
+        self.schedule = Schedule.plan(config, len(p.data.train))
+        self.optimizer, self.scheduler = make_optimizer(p.params, config, self.schedule)
+        self.ckpt_path = out / CHECKPOINT
+        self.settings = run_settings(config, p)
+        self.sidecar = sidecar_for(config, p)
+        self.start, self.best_acc, self.best_step = 0, None, None
+        self.last_ckpt: Optional[int] = None
+        self.history: list = []
+        self.recent: list[float] = []
+        self.samples_done, self.train_time, self.last_loss = 0, 0.0, None
+        self.log: Optional[RunLog] = None
 
-    # ---- data and model (seeded first: the head's initialisation comes from the global RNG)
-    train_data, val_data, label_map, task = load_data(
-        a["train"], a["val"], a["text_column"], a["label_column"], a["train_size"], a["val_size"], seed)
-    random.seed(seed)
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    base = load_base(a["model"], task=task, num_labels=len(label_map), labels=label_map.labels)
-    if base.task != task:
-        raise LilyDeployError(f"--model {a['model']}: a {base.task} model cannot learn {task} data")
-    built = build_model(base, method=method, rank=a["rank"], lp_stride=a["lp_stride"], num_hp=a["num_hp"],
-                        scale=a["scale"], targets=a["targets"], lora_rank=a["lora_rank"], routing=routing)
-    peft_model, head, targets, adapted = built.peft_model, built.head, built.targets, built.adapted
-    lily_count, lora_rank, lora_count, model_name = built.lily_params, built.lora_rank, built.lora_params, base.spec
-    peft_model.to(d.device)
-    params = _trainable(peft_model)
-    trainable_n = sum(p.numel() for p in params.values())
-    adapter_n = sum(p.numel() for n, p in params.items() if not _in_head(n, head))
-    head_n = trainable_n - adapter_n
-    say(f"finetune: {method} on {model_name} ({task}, {len(label_map)} labels, {len(adapted)} layers: "
-        f"{abbreviate(adapted, 4)})")
-    say(f"trainable parameters: Lily adapter {lily_count:,} (r {a['rank']}, {a['num_hp']} HPs, LP stride "
-        f"{a['lp_stride']}) vs LoRA adapter {lora_count:,} (r {lora_rank}); this run: {method} {adapter_n:,} "
-        f"+ head {head_n:,} = {trainable_n:,}")
-    if d.active:
-        if method == "lora":
-            note = "LoRA has no router: same result as one process with the same global batch"
-        elif routing == "batch":
-            note = (f"each process mixes over its own local batch (about {batch_size // d.world} of the global "
-                    f"{batch_size}), so results depend on the process count; use --routing sample for "
-                    "batch-invariant training")
-        else:
-            note = "batch-invariant routing: same result as one process with the same global batch"
-        say(f"DDP: {d.world} processes ({'nccl' if d.device.type == 'cuda' else 'gloo'}), routing {routing}: {note}")
+    # ---- start or resume
+    def resume(self) -> None:
+        """Weights, optimizer, schedule, step and RNG from ``checkpoints/last``; refused when settings differ."""
+        import torch
 
-    # ---- optimizer and schedule
-    decay = [p for n, p in params.items() if p.dim() >= 2]
-    no_decay = [p for n, p in params.items() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": a["weight_decay"]},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=a["lr"])
-    micro_per_epoch = math.ceil(len(train_data) / batch_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / grad_accum)
-    if a["max_steps"]:
-        total = int(a["max_steps"])
-    else:
-        total = max(1, math.ceil((a["epochs"] if a["epochs"] is not None else 3) * steps_per_epoch))
-    warmup_steps = int(round(a["warmup"] * total)) if a["warmup"] < 1 else int(a["warmup"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, total))
-    eval_every = a["eval_every"] or steps_per_epoch
-
-    run_config = {k: (str(a[k]) if isinstance(a[k], Path) else a[k]) for k in RESUME_KEYS if k in a}
-    run_config.update(model=str(a["model"]), targets=targets, lora_rank=lora_rank if method == "lora" else None,
-                      train=str(Path(a["train"]).resolve()))
-    sidecar = {
-        "base_model": base.spec if (base.spec != str(a["model"]) or not Path(a["model"]).exists())
-        else str(Path(a["model"]).resolve()),
-        "task": task,
-        "labels": label_map.labels,
-        "routing": routing if method == "lily" else None,
-        "method": method,
-        "text_column": a["text_column"],
-        "label_column": a["label_column"],
-        "max_length": a["max_length"],
-    }
-
-    # ---- resume
-    start, best_acc, best_step = 0, None, None
-    history: list = []
-    if a["resume"]:
-        state, rng_states = load_checkpoint(ckpt_path, peft_model, optimizer, scheduler)
+        d, total = self.d, self.schedule.total
+        state, rng_states = load_checkpoint(self.ckpt_path, self.model, self.optimizer, self.scheduler)
         saved = state["config"]
-        diffs = [f"{k} {run_config.get(k)!r} (checkpoint: {saved.get(k)!r})" for k in RESUME_KEYS
-                 if saved.get(k) != run_config.get(k)]
+        diffs = [f"{k} {self.settings.get(k)!r} (checkpoint: {saved.get(k)!r})" for k in RESUME_KEYS
+                 if saved.get(k) != self.settings.get(k)]
         if diffs:
             raise LilyDeployError(f"--resume: settings differ from the checkpoint's run: {'; '.join(diffs)}")
         if state["total_steps"] != total:
-            say(f"resume: the run now has {total} steps (was {state['total_steps']}); the LR schedule changes")
-        start, best_acc, best_step = state["step"], state["best_val_accuracy"], state["best_step"]
-        history = state.get("history", [])
+            self.say(f"resume: the run now has {total} steps (was {state['total_steps']}); the LR schedule changes")
+        self.start, self.best_acc, self.best_step = state["step"], state["best_val_accuracy"], state["best_step"]
+        self.last_ckpt = self.start
+        self.history = state.get("history", [])
         if len(rng_states) == d.world:
             _set_rng_state(rng_states[d.rank], d.device)
         else:
-            say(f"resume: checkpoint was written by {len(rng_states)} processes, now {d.world}; dropout RNG reseeded")
-            torch.manual_seed(seed + 1000 * start + d.rank)
-        say(f"resume: from step {start} of {total} ({ckpt_path}); best val accuracy so far "
-            f"{'-' if best_acc is None else f'{best_acc:.4f}'}")
-    elif d.active:
-        torch.manual_seed(seed + d.rank)  # distinct dropout per rank; weights were made before this
-    if d.main:
-        out.mkdir(exist_ok=True)
-    if d.active:
-        import torch.distributed as dist
+            self.say(f"resume: checkpoint was written by {len(rng_states)} processes, now {d.world}; "
+                     "dropout RNG reseeded")
+            torch.manual_seed(self.config.seed + 1000 * self.start + d.rank)
+        best = "-" if self.best_acc is None else f"{self.best_acc:.4f}"
+        self.say(f"resume: from step {self.start} of {total} ({self.ckpt_path}); best val accuracy so far {best}")
 
-        dist.barrier()
-    log_path = out / LOG_FILE
-    log_file = open(log_path, "a", encoding="utf-8") if d.main else None
+    def open(self) -> None:
+        """Resume or start afresh; then the output folder, the log's first record and, under DDP, the wrapper."""
+        import torch
 
-    def write_log(record: dict) -> None:
-        if log_file is not None:
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
+        c, d, b = self.config, self.d, self.p.built
+        if c.resume:
+            self.resume()
+        elif d.active:
+            torch.manual_seed(c.seed + d.rank)  # distinct dropout per rank; weights were made before this
+        if d.main:
+            self.out.mkdir(exist_ok=True)
+        _barrier(d)
+        self.log = RunLog(self.out / LOG_FILE, d.main)
+        if c.resume:
+            self.log.write({"event": "resume", "step": self.start})
+        else:
+            self.log.write({"event": "start", "config": self.settings, "world_size": d.world,
+                            "steps": self.schedule.total, "trainable_params": self.p.trainable,
+                            "adapter_params": self.p.adapter, "lily_params": b.lily_params,
+                            "lora_rank": b.lora_rank, "lora_params": b.lora_params})
+        if d.active:
+            from torch.nn.parallel import DistributedDataParallel as DDP
 
-    if a["resume"]:
-        write_log({"event": "resume", "step": start})
-    else:
-        write_log({"event": "start", "config": run_config, "world_size": d.world, "steps": total,
-                   "trainable_params": trainable_n, "adapter_params": adapter_n, "lily_params": lily_count,
-                   "lora_rank": lora_rank, "lora_params": lora_count})
+            self.train_model = DDP(self.model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
 
-    train_model = peft_model
-    if d.active:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    # ---- one step, evaluation, checkpoint
+    def _batch(self, data: LabelledData, idx: Sequence[int]) -> tuple[dict, Any]:
+        import torch
 
-        train_model = DDP(peft_model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        from .core.data import encode_batch
 
-    def to_device(batch: dict) -> dict:
-        return {k: v.to(d.device) for k, v in batch.items()}
+        inputs = encode_batch(self.p.base, [data.items[i] for i in idx], self.config.max_length)
+        labels = torch.tensor([data.labels[i] for i in idx], device=self.d.device)
+        return {k: v.to(self.d.device) for k, v in inputs.items()}, labels
 
-    def micro_batches(step: int) -> list[list[int]]:
-        epoch, k = divmod(step, steps_per_epoch)
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order = torch.randperm(len(train_data), generator=g).tolist()
-        chunks = [order[i * batch_size:(i + 1) * batch_size] for i in range(k * grad_accum,
-                                                                          min((k + 1) * grad_accum, micro_per_epoch))]
-        return [c for c in chunks if len(c) >= d.world]
+    def step(self, step: int) -> StepStats:
+        """Optimizer step ``step`` over its ``grad_accum`` global batches; a non-finite loss or gradient stops the run."""
+        import torch
+        import torch.nn.functional as F
 
-    def evaluate() -> dict:
-        peft_model.eval()
+        d, t0 = self.d, time.perf_counter()
+        chunks = self.schedule.micro_batches(step, d.world)
+        n_step = sum(len(c) for c in chunks)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for i, chunk in enumerate(chunks):
+            inputs, labels = self._batch(self.p.data.train, split_for_rank(chunk, d.rank, d.world))
+            sync = self.train_model.no_sync() if d.active and i < len(chunks) - 1 else contextlib.nullcontext()
+            with sync:
+                losses = F.cross_entropy(self.train_model(**inputs).logits.float(), labels, reduction="none")
+                if _FAULTS.nan_at_step == step + 1:
+                    losses = losses * float("nan")
+                (losses.sum() * (d.world / n_step)).backward()
+            loss_sum += losses.detach().sum().double().cpu()
+        total_loss, = _all_reduce([loss_sum.item()], d)
+        step_loss = total_loss / n_step
+        if not math.isfinite(step_loss):
+            raise self.diverged(step, f"the loss is {step_loss}")
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(self.p.params.values()),
+                                                   self.config.max_grad_norm or float("inf"))
+        if not torch.isfinite(grad_norm):
+            raise self.diverged(step, f"the gradient norm is {grad_norm.item()}")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepStats(step_loss, float(grad_norm), n_step, time.perf_counter() - t0)
+
+    def evaluate(self) -> dict:
+        """Accuracy and mean loss on the validation rows, each rank taking its slice of every batch."""
+        import torch
+        import torch.nn.functional as F
+
+        d, val, bs = self.d, self.p.data.val, self.config.batch_size
+        self.model.eval()
         correct = loss = count = 0.0
         with torch.no_grad():
-            for s in range(0, len(val_data), batch_size):
-                idx = split_for_rank(range(s, min(s + batch_size, len(val_data))), d.rank, d.world)
+            for s in range(0, len(val), bs):
+                idx = split_for_rank(range(s, min(s + bs, len(val))), d.rank, d.world)
                 if not idx:
                     continue
-                inputs = to_device(encode_batch(base, [val_data.items[i] for i in idx], a["max_length"]))
-                labels = torch.tensor([val_data.labels[i] for i in idx], device=d.device)
-                logits = peft_model(**inputs).logits.float()
+                inputs, labels = self._batch(val, idx)
+                logits = self.model(**inputs).logits.float()
                 loss += F.cross_entropy(logits, labels, reduction="sum").item()
                 correct += (logits.argmax(-1) == labels).sum().item()
                 count += len(idx)
         correct, loss, count = _all_reduce([correct, loss, count], d)
-        peft_model.train()
+        self.model.train()
         return {"val_accuracy": correct / max(count, 1), "val_loss": loss / max(count, 1), "val_size": int(count)}
 
-    def checkpoint(step: int) -> None:
-        for n, p in params.items():
+    def checkpoint(self, step: int) -> None:
+        """``checkpoints/last`` at ``step`` (with every rank's RNG); refused while a parameter is not finite."""
+        import torch
+
+        d = self.d
+        for n, p in self.p.params.items():
             if not torch.isfinite(p).all():
-                raise LilyDeployError(nan_message(step, f"parameter {n} is not finite"))
+                raise self.diverged(step, f"parameter {n} is not finite")
         rng = [_rng_state(d.device)]
         if d.active:
             import torch.distributed as dist
@@ -812,116 +1048,165 @@ def _run(a: dict, d: Dist, say: Callable[[str], None], out: Path, ckpt_path: Pat
             rng = [None] * d.world
             dist.all_gather_object(rng, _rng_state(d.device))
         if d.main:
-            state = {"step": step, "total_steps": total, "best_val_accuracy": best_acc, "best_step": best_step,
-                     "config": run_config, "world_size": d.world, "history": history[-1000:]}
-            save_checkpoint(ckpt_path, peft_model, optimizer, scheduler, state, rng)
-        last_ckpt[0] = step
+            state = {"step": step, "total_steps": self.schedule.total, "best_val_accuracy": self.best_acc,
+                     "best_step": self.best_step, "config": self.settings, "world_size": d.world,
+                     "history": self.history[-1000:]}
+            save_checkpoint(self.ckpt_path, self.model, self.optimizer, self.scheduler, state, rng)
+        self.last_ckpt = step
+        _barrier(d)
+
+    def diverged(self, step: int, what: str) -> LilyDeployError:
+        """The one-line stop for a diverged step: where the last good checkpoint and best adapter are."""
+        kept = (f"the last good checkpoint (step {self.last_ckpt}) is kept in {self.ckpt_path}"
+                if self.last_ckpt is not None else "no checkpoint had been written yet")
+        best = f" and the best adapter (step {self.best_step}) in {self.out}" if self.best_step is not None else ""
+        return LilyDeployError(f"training diverged at step {step + 1}: {what}. Stopped; {kept}{best}. "
+                               f"Lower --lr (now {self.config.lr:g}) or raise --warmup")
+
+    # ---- the loop
+    def _record(self, done: int, stats: StepStats, bar) -> None:
+        """Step ``done``'s numbers into the totals, the progress bar and the log."""
+        self.train_time += stats.seconds
+        self.samples_done += stats.samples
+        self.last_loss = stats.loss
+        self.recent = (self.recent + [stats.loss])[-20:]
+        sps = self.samples_done / max(self.train_time, 1e-9)
+        bar.update(1)
+        bar.set_postfix(loss=f"{sum(self.recent) / len(self.recent):.4f}", samples_s=f"{sps:.1f}")
+        self.log.write({"step": done, "epoch": round(done / self.schedule.steps_per_epoch, 4),
+                        "loss": round(stats.loss, 6), "lr": self.scheduler.get_last_lr()[0],
+                        "grad_norm": round(stats.grad_norm, 6), "samples_per_s": round(sps, 2)})
+
+    def _evaluate_and_keep(self, done: int, loss: float, bar) -> None:
+        """Evaluate at step ``done``; a better accuracy than any before replaces the saved adapter."""
+        metrics = self.evaluate()
+        improved = self.best_acc is None or metrics["val_accuracy"] > self.best_acc
+        if improved:
+            self.best_acc, self.best_step = metrics["val_accuracy"], done
+            if self.d.main:
+                save_adapter(self.out, self.model, {**self.sidecar, "best": {"step": done, **metrics}})
+        record = {"step": done, "train_loss": round(loss, 6), **metrics, "best": improved}
+        self.history.append(record)
+        self.log.write({"event": "eval", **record})
+        line = (f"step {done}/{self.schedule.total}: val accuracy {metrics['val_accuracy']:.4f}, val loss "
+                f"{metrics['val_loss']:.4f}{' (best)' if improved else ''}")
+        if self.d.main and self.config.progress:
+            bar.write(line, file=sys.stderr)
+        else:
+            self.say(line)
+
+    def after_step(self, done: int, stats: StepStats, bar) -> None:
+        """Log step ``done``, then evaluate, save and checkpoint when it is time."""
+        total, val = self.schedule.total, self.p.data.val
+        self._record(done, stats, bar)
+        evaluated = val is not None and (done % self.schedule.eval_every == 0 or done == total)
+        if evaluated:
+            self._evaluate_and_keep(done, stats.loss, bar)
+        if val is None and done == total and self.d.main:
+            save_adapter(self.out, self.model, self.sidecar)
+        if evaluated or done % self.config.save_every == 0 or done == total:
+            self.checkpoint(done)
+        if _FAULTS.stop_after_step is not None and done >= _FAULTS.stop_after_step:
+            raise KeyboardInterrupt(f"stopped after step {done} (test fault)")
+
+    def train(self) -> None:
+        """Steps ``start`` to the last; an interrupt says which checkpoint a resume will continue from."""
+        from tqdm.auto import tqdm
+
+        c = self.config
+        self.model.train()
+        desc = f"{c.method} {c.routing}" if c.method == "lily" else c.method
+        bar = tqdm(total=self.schedule.total, initial=self.start, disable=not (c.progress and self.d.main),
+                   file=sys.stderr, unit="step", dynamic_ncols=True, desc=desc)
+        step = self.start
+        try:
+            for step in range(self.start, self.schedule.total):
+                self.after_step(step + 1, self.step(step), bar)
+        except KeyboardInterrupt:
+            kept = (f"checkpoint at step {self.last_ckpt} in {self.ckpt_path}" if self.last_ckpt is not None
+                    else "no checkpoint yet")
+            self.say(f"interrupted during step {step + 1}: {kept}; continue with --resume")
+            raise
+        finally:
+            bar.close()
+
+    def finish(self) -> FinetuneResult:
+        """The log's last record, the closing line, and the result."""
+        total, b = self.schedule.total, self.p.built
+        sps = self.samples_done / max(self.train_time, 1e-9)
+        self.log.write({"event": "done", "steps": total, "best_val_accuracy": self.best_acc,
+                        "best_step": self.best_step, "samples_per_s": round(sps, 2)})
+        best = "-" if self.best_acc is None else f"{self.best_acc:.4f}"
+        self.say(f"done: {total} steps; best val accuracy {best} at step {self.best_step}; adapter in {self.out}")
+        return FinetuneResult(
+            output_dir=self.out, best_val_accuracy=self.best_acc, best_step=self.best_step, steps=total,
+            trainable_params=self.p.trainable, adapter_params=self.p.adapter, head_params=self.p.head,
+            method=self.config.method, lily_params=b.lily_params,
+            lora_rank=b.lora_rank if self.config.method == "lora" else None, samples_per_s=sps,
+            train_seconds=self.train_time, world_size=self.d.world, final_loss=self.last_loss, history=self.history,
+        )
+
+    def run(self) -> FinetuneResult:
+        """Start (or resume), train to the last step and report; the log is closed however it ends."""
+        try:
+            self.open()
+            self.train()
+            return self.finish()
+        finally:
+            if self.log is not None:
+                self.log.close()
+
+
+def check_output(config: FinetuneConfig) -> Path:
+    """The output folder, if this run may write there: not an input, empty unless resumed or overwritten."""
+    from .core.fileio import check_not_input, check_output_parent
+
+    out = check_output_parent(config.output, "-o")
+    check_not_input(out, {"--model": config.model, "--train": config.train, "--val": config.val}, "-o")
+    if out.exists() and not out.is_dir():
+        raise LilyDeployError(f"-o {out}: exists and is not a folder")
+    ckpt_path = out / CHECKPOINT
+    if config.resume and not (ckpt_path / "state.json").is_file():
+        raise LilyDeployError(f"--resume: {ckpt_path} does not exist (no earlier run to continue in -o {out})")
+    if not config.resume and not config.overwrite and out.exists() and any(out.iterdir()):
+        raise LilyDeployError(f"-o {out}: folder is not empty; pass --resume to continue the run in it "
+                              f"or --overwrite to start over")
+    return out
+
+
+def _clear_output(config: FinetuneConfig, d: Dist, out: Path) -> None:
+    """``overwrite``: empty the folder (main process), every rank waiting until it is."""
+    if d.main and config.overwrite and not config.resume and out.exists():
+        for child in out.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    _barrier(d)
+
+
+def finetune(config: Optional[FinetuneConfig] = None, /, **fields: Any) -> FinetuneResult:
+    """Fine-tune ``model`` (a spec for :func:`lily_deploy.models.load_base`) on ``train``; keep the best adapter.
+
+    ``method="lily"`` trains PEFT's Lily (``rank``, ``lp_stride`` layers per LP, ``num_hp`` HPs
+    per pool, ``scale``) on ``targets``; ``method="lora"`` trains PEFT's LoRA on the same layers
+    at the rank whose parameter count is closest to that Lily's (``lora_rank`` overrides), with
+    ``lora_alpha = 2 * rank``. ``warmup`` < 1 is a fraction of the steps, >= 1 a number of steps.
+    Training length: ``max_steps`` optimizer steps if given, else ``epochs``.
+    ``batch_size`` is the global batch of one forward pass (split across DDP ranks); an optimizer
+    step takes ``grad_accum`` of them. With ``routing="batch"`` under DDP each rank mixes over its
+    local slice only (PEFT semantics per process); ``"sample"`` is batch-invariant.
+    Takes a :class:`FinetuneConfig`, its fields as keywords, or both (the keywords win).
+    """
+    config = FinetuneConfig.resolve(config, **fields)
+    out = check_output(config)
+    d = init_distributed(config.device)
+    say = (config.log or _echo) if d.main else _silent
+    try:
+        _clear_output(config, d, out)
+        prepared = prepare(config, d)
+        describe_run(config, prepared, d, say)
+        return Trainer(config, d, say, out, prepared).run()
+    finally:
         if d.active:
             import torch.distributed as dist
 
-            dist.barrier()
-
-    last_ckpt = [start if a["resume"] else None]
-
-    def nan_message(step: int, what: str) -> str:
-        kept = (f"the last good checkpoint (step {last_ckpt[0]}) is kept in {ckpt_path}"
-                if last_ckpt[0] is not None else "no checkpoint had been written yet")
-        best = f" and the best adapter (step {best_step}) in {out}" if best_step is not None else ""
-        return (f"training diverged at step {step + 1}: {what}. Stopped; {kept}{best}. "
-                f"Lower --lr (now {a['lr']:g}) or raise --warmup")
-
-    # ---- the loop
-    peft_model.train()
-    samples_done, train_time, last_loss = 0, 0.0, None
-    recent: list[float] = []
-    bar = tqdm(total=total, initial=start, disable=not (a["progress"] and d.main), file=sys.stderr,
-               unit="step", dynamic_ncols=True, desc=f"{method} {routing}" if method == "lily" else method)
-    try:
-        for step in range(start, total):
-            t0 = time.perf_counter()
-            chunks = micro_batches(step)
-            n_step = sum(len(c) for c in chunks)
-            loss_sum = torch.zeros((), dtype=torch.float64)
-            for i, chunk in enumerate(chunks):
-                local = split_for_rank(chunk, d.rank, d.world)
-                inputs = to_device(encode_batch(base, [train_data.items[j] for j in local], a["max_length"]))
-                labels = torch.tensor([train_data.labels[j] for j in local], device=d.device)
-                sync = contextlib.nullcontext()
-                if d.active and i < len(chunks) - 1:
-                    sync = train_model.no_sync()
-                with sync:
-                    logits = train_model(**inputs).logits.float()
-                    losses = F.cross_entropy(logits, labels, reduction="none")
-                    if a["_nan_at_step"] is not None and step + 1 == a["_nan_at_step"]:
-                        losses = losses * float("nan")  # test hook: a diverged step
-                    (losses.sum() * (d.world / n_step)).backward()
-                loss_sum += losses.detach().sum().double().cpu()
-            total_loss, = _all_reduce([loss_sum.item()], d)
-            step_loss = total_loss / n_step
-            if not math.isfinite(step_loss):
-                raise LilyDeployError(nan_message(step, f"the loss is {step_loss}"))
-            grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), a["max_grad_norm"] or float("inf"))
-            if not torch.isfinite(grad_norm):
-                raise LilyDeployError(nan_message(step, f"the gradient norm is {grad_norm.item()}"))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            dt = time.perf_counter() - t0
-            train_time += dt
-            samples_done += n_step
-            last_loss = step_loss
-            recent = (recent + [step_loss])[-20:]
-            done = step + 1
-            sps = samples_done / max(train_time, 1e-9)
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", samples_s=f"{sps:.1f}")
-            write_log({"step": done, "epoch": round(done / steps_per_epoch, 4), "loss": round(step_loss, 6),
-                       "lr": scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 6),
-                       "samples_per_s": round(sps, 2)})
-            evaluated = False
-            if val_data is not None and (done % eval_every == 0 or done == total):
-                metrics = evaluate()
-                improved = best_acc is None or metrics["val_accuracy"] > best_acc
-                if improved:
-                    best_acc, best_step = metrics["val_accuracy"], done
-                    if d.main:
-                        save_adapter(out, peft_model, {**sidecar, "best": {"step": done, **metrics}})
-                record = {"step": done, "train_loss": round(step_loss, 6), **metrics, "best": improved}
-                history.append(record)
-                write_log({"event": "eval", **record})
-                line = (f"step {done}/{total}: val accuracy {metrics['val_accuracy']:.4f}, val loss "
-                        f"{metrics['val_loss']:.4f}{' (best)' if improved else ''}")
-                if d.main and a["progress"]:
-                    bar.write(line, file=sys.stderr)
-                else:
-                    say(line)
-                evaluated = True
-            if val_data is None and done == total and d.main:
-                save_adapter(out, peft_model, sidecar)
-            if evaluated or done % a["save_every"] == 0 or done == total:
-                checkpoint(done)
-            if a["_stop_after_step"] is not None and done >= a["_stop_after_step"]:
-                raise KeyboardInterrupt(f"stopped after step {done} (test hook)")
-    except KeyboardInterrupt:
-        kept = f"checkpoint at step {last_ckpt[0]} in {ckpt_path}" if last_ckpt[0] is not None else "no checkpoint yet"
-        say(f"interrupted during step {step + 1}: {kept}; continue with --resume")
-        raise
-    finally:
-        bar.close()
-        if log_file is not None:
-            log_file.close()
-    steps = total
-    write_done = {"event": "done", "steps": steps, "best_val_accuracy": best_acc, "best_step": best_step,
-                  "samples_per_s": round(samples_done / max(train_time, 1e-9), 2)}
-    if d.main:
-        with open(log_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(write_done) + "\n")
-        say(f"done: {steps} steps; best val accuracy "
-            f"{'-' if best_acc is None else f'{best_acc:.4f}'} at step {best_step}; adapter in {out}")
-    return FinetuneResult(
-        output_dir=out, best_val_accuracy=best_acc, best_step=best_step, steps=steps, trainable_params=trainable_n,
-        adapter_params=adapter_n, head_params=head_n, method=method, lily_params=lily_count,
-        lora_rank=lora_rank if method == "lora" else None,
-        samples_per_s=samples_done / max(train_time, 1e-9), train_seconds=train_time, world_size=d.world,
-        final_loss=last_loss, history=history,
-    )
+            if dist.is_initialized():
+                dist.destroy_process_group()

@@ -34,7 +34,7 @@ def build_rtx_engine(onnx_path: Path, engine: Path) -> dict:
     pytest.importorskip("tensorrt_rtx", reason="TensorRT for RTX is not installed (pip install tensorrt-rtx-cu12)")
     from lily_deploy.trt_build import build_engine
 
-    report = build_engine(onnx_path, engine, backend="tensorrt-rtx", compute_capabilities=["sm89"], progress=False)
+    report = build_engine(onnx_path=onnx_path, output=engine, backend="tensorrt-rtx", compute_capabilities=["sm89"], progress=False)
     assert engine.is_file() and report["engine"]["bytes"] > 1_000_000
     return report.data
 

@@ -12,10 +12,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from lily_deploy import training
 from lily_deploy.cli import cli
+from lily_deploy.core.config import ConfigError
 from lily_deploy.core.errors import LilyDeployError
-from lily_deploy.training import (abbreviate, enable_sample_routing, finetune, lily_param_count, lora_rank_for,
-                                  resolve_targets, split_for_rank)
+from lily_deploy.training import (FinetuneConfig, abbreviate, finetune, lily_param_count, lora_rank_for,
+                                  resolve_targets, route_lily_layers, split_for_rank, target_of)
 
 ROOT = Path(__file__).resolve().parents[1]
 POS = ["good", "great", "excellent", "superb", "lovely", "wonderful"]
@@ -173,9 +175,26 @@ def test_lily_param_count_matches_peft_and_lora_is_matched(tiny_roberta_dir):
     assert all(abs(lora - expected) <= abs(r * per_rank - expected) for r in range(1, 4 * rank))
 
 
+def test_one_target_rule_for_adapting_counting_and_grouping(tiny_bert_dir):
+    """target_of is PEFT's rule: adapted when the path is an entry or ends in ".entry"; grouped by the entry it ends with."""
+    assert target_of("bert.encoder.layer.0.attention.self.query", ["query", "value"]) == "query"
+    assert target_of("query", ["query"]) == "query"
+    assert target_of("bert.encoder.layer.0.attention.self.myquery", ["query"]) is None  # no "." before it
+    assert target_of("a.intermediate.dense", ["dense", "intermediate.dense"]) == "intermediate.dense"
+    assert target_of("a.b.q", "re.*") == "re.*"  # PEFT's regex form: one group
+    from lily_deploy.core.models import load_base
+
+    base = load_base(str(tiny_bert_dir), num_labels=2)
+    targets, adapted = resolve_targets(base.model, [" query", "value", "query"], "classifier", "tiny")
+    assert targets == ["query", "value"] and len(adapted) == 8  # stripped, each entry once
+    # a layer ending with two entries: PEFT groups it under either by set order, so it is refused
+    with pytest.raises(LilyDeployError, match=r"targets 'dense' and 'output.dense' both end layer .*output\.dense"):
+        resolve_targets(base.model, ["dense", "output.dense"], "classifier", "tiny")
+
+
 def test_lora_baseline_at_matched_count(tiny_bert_dir, toy, tmp_path):
-    result = finetune(str(tiny_bert_dir), toy["train"], toy["val"], tmp_path / "lora", method="lora", rank=8,
-                      max_steps=4, batch_size=16, **QUIET)
+    result = finetune(model=str(tiny_bert_dir), train=toy["train"], val=toy["val"], output=tmp_path / "lora",
+                      method="lora", rank=8, max_steps=4, batch_size=16, **QUIET)
     assert result.method == "lora" and result.lora_rank is not None
     # LoRA on the 8 q/v layers (32 -> 32): 64 parameters per rank
     assert result.adapter_params == result.lora_rank * 8 * 64
@@ -183,8 +202,8 @@ def test_lora_baseline_at_matched_count(tiny_bert_dir, toy, tmp_path):
     assert result.head_params == 32 * 2 + 2
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == result.lora_rank
-    fixed = finetune(str(tiny_bert_dir), toy["train"], None, tmp_path / "lora2", method="lora", lora_rank=2,
-                     max_steps=1, batch_size=16, **QUIET)
+    fixed = finetune(FinetuneConfig(model=str(tiny_bert_dir), train=toy["train"], output=tmp_path / "lora2",
+                                    method="lora", lora_rank=2, max_steps=1, batch_size=16, **QUIET))
     assert fixed.lora_rank == 2 and fixed.adapter_params == 2 * 8 * 64 and fixed.best_val_accuracy is None
     assert (tmp_path / "lora2" / "adapter_model.safetensors").is_file()  # no --val: the last step is kept
 
@@ -198,8 +217,8 @@ def test_sample_routing_is_batch_invariant_and_matches_deploy(tiny_bert_dir, toy
     from lily_deploy.core.models import load_base
 
     out = tmp_path / "sample"
-    finetune(str(tiny_bert_dir), toy["train"], toy["val"], out, routing="sample", max_steps=40, batch_size=16,
-             rank=4, lr=0.05, **QUIET)
+    finetune(model=str(tiny_bert_dir), train=toy["train"], val=toy["val"], output=out, routing="sample",
+             max_steps=40, batch_size=16, rank=4, lr=0.05, **QUIET)
     assert json.loads((out / "lily_deploy.json").read_text())["routing"] == "sample"
     base = load_base(str(tiny_bert_dir), num_labels=2)
     peft_model = PeftModel.from_pretrained(base.model, str(out)).eval()
@@ -207,7 +226,7 @@ def test_sample_routing_is_batch_invariant_and_matches_deploy(tiny_bert_dir, toy
     with torch.no_grad():
         batch = encode_batch(base, texts)
         plain = peft_model(**batch).logits  # PEFT's own batch routing
-        enable_sample_routing(peft_model)
+        route_lily_layers(peft_model, "sample")
         together = peft_model(**batch).logits
         alone = torch.cat([peft_model(**encode_batch(base, [t])).logits for t in texts])
     assert torch.allclose(together, alone, atol=1e-5)
@@ -218,16 +237,18 @@ def test_sample_routing_is_batch_invariant_and_matches_deploy(tiny_bert_dir, toy
 
 
 # ------------------------------------------------------------------ resume
-def test_resume_after_kill_matches_uninterrupted(tiny_roberta_dir, toy, tmp_path):
+def test_resume_after_kill_matches_uninterrupted(tiny_roberta_dir, toy, tmp_path, monkeypatch):
     """Kill after step 5 (checkpoints at 3): resume loses steps 4-5 and ends where a clean run ends.
 
     The tiny RoBERTa has dropout, so this also checks that the RNG state comes back.
     """
     kwargs = dict(max_steps=8, batch_size=16, rank=4, lr=0.02, save_every=3, eval_every=4, seed=3, **QUIET)
-    clean = finetune(str(tiny_roberta_dir), toy["train"], toy["val"], tmp_path / "clean", **kwargs)
+    data = dict(model=str(tiny_roberta_dir), train=toy["train"], val=toy["val"])
+    clean = finetune(output=tmp_path / "clean", **data, **kwargs)
     killed = tmp_path / "killed"
-    with pytest.raises(KeyboardInterrupt):
-        finetune(str(tiny_roberta_dir), toy["train"], toy["val"], killed, _stop_after_step=5, **kwargs)
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(training._FAULTS, "stop_after_step", 5)  # the private fault hook: killed after step 5
+        finetune(output=killed, **data, **kwargs)
     assert json.loads((killed / "checkpoints" / "last" / "state.json").read_text())["step"] == 4  # the eval at 4
     args = ["finetune", "--model", str(tiny_roberta_dir), "--train", str(toy["train"]), "--val", str(toy["val"]),
             "-o", str(killed), "--max-steps", "8", "--batch-size", "16", "--rank", "4", "--lr", "0.02",
@@ -309,8 +330,9 @@ def test_image_folder_training(tiny_vit_dir, tmp_path):
                 jitter = tuple(max(0, min(255, c + rng.randint(-20, 20))) for c in colour)
                 Image.new("RGB", (40, 40), jitter).save(folder / f"{i}.png")
     out = tmp_path / "vit"
-    result = finetune(str(tiny_vit_dir), tmp_path / "train", tmp_path / "val", out, targets=["q_proj", "v_proj"],
-                      rank=4, num_hp=2, max_steps=3, batch_size=6, routing="sample", **QUIET)
+    result = finetune(model=str(tiny_vit_dir), train=tmp_path / "train", val=tmp_path / "val", output=out,
+                      targets=["q_proj", "v_proj"], rank=4, num_hp=2, max_steps=3, batch_size=6, routing="sample",
+                      **QUIET)
     assert result.best_val_accuracy is not None
     sidecar = json.loads((out / "lily_deploy.json").read_text())
     assert sidecar["task"] == "image-cls" and sidecar["labels"] == ["cat", "dog", "owl"]
@@ -364,7 +386,7 @@ def test_missing_text_column(tiny_bert_dir, toy, tmp_path):
 
 def test_targets_matching_nothing_list_the_linears(tiny_bert_dir, toy, tmp_path):
     line = _error_line(_run_cli(tiny_bert_dir, toy["train"], toy["val"], tmp_path / "o", "--targets", "query,qkv"))
-    assert "--targets 'qkv' matches no Linear module" in line
+    assert line.startswith("error: targets 'qkv' matches no Linear module")
     assert "bert.encoder.layer.{0..3}.attention.self.query" in line and "intermediate.dense" in line
     assert "layer.0." not in line  # abbreviated: one entry per kind of layer
 
@@ -375,11 +397,12 @@ def test_nan_loss_stops_with_clear_message(tiny_bert_dir, toy, tmp_path):
     assert "training diverged at step" in line and "nan" in line.lower() and "Lower --lr (now 1e+30)" in line
 
 
-def test_nan_loss_keeps_last_good_checkpoint(tiny_bert_dir, toy, tmp_path):
+def test_nan_loss_keeps_last_good_checkpoint(tiny_bert_dir, toy, tmp_path, monkeypatch):
     out = tmp_path / "o"
+    monkeypatch.setattr(training._FAULTS, "nan_at_step", 5)  # the private fault hook: step 5's loss is NaN
     with pytest.raises(LilyDeployError, match=r"diverged at step 5: the loss is nan.*checkpoint \(step 4\)"):
-        finetune(str(tiny_bert_dir), toy["train"], toy["val"], out, max_steps=10, batch_size=16, rank=4,
-                 save_every=2, eval_every=4, _nan_at_step=5, **QUIET)
+        finetune(model=str(tiny_bert_dir), train=toy["train"], val=toy["val"], output=out, max_steps=10,
+                 batch_size=16, rank=4, save_every=2, eval_every=4, **QUIET)
     assert json.loads((out / "checkpoints" / "last" / "state.json").read_text())["step"] == 4
     assert all(torch.isfinite(t).all() for t in _ckpt_tensors(out).values())
     assert json.loads((out / "lily_deploy.json").read_text())["best"]["step"] == 4
@@ -396,9 +419,63 @@ def test_output_folder_rules(tiny_bert_dir, toy, tmp_path):
     assert "--resume" in line and "checkpoints/last" in line
     line = _error_line(_run_cli(tiny_bert_dir, toy["train"], toy["val"], tmp_path / "no" / "such" / "o"))
     assert "-o" in line and "does not exist" in line
-    line = _error_line(_run_cli(tiny_bert_dir, toy["train"], toy["val"], tmp_path / "x", "--method", "lora",
-                                "--routing", "sample"))
-    assert "--routing sample applies to Lily only" in line
+    # an input is never an output: --overwrite would have emptied the model's folder
+    line = _error_line(_run_cli(tiny_bert_dir, toy["train"], toy["val"], tiny_bert_dir, "--overwrite"))
+    assert "-o" in line and "is the input --model" in line and (tiny_bert_dir / "config.json").is_file()
+    line = _error_line(_run_cli(tiny_bert_dir, toy["train"], toy["val"], tiny_bert_dir / "adapter"))
+    assert "lies inside the input --model" in line and not (tiny_bert_dir / "adapter").exists()
+
+
+# ------------------------------------------------------------------ the config
+def _usage_error(result, flag: str) -> str:
+    """A bad value is a usage error (exit 2) that names the flag, with no traceback."""
+    assert result.exit_code == 2, result.output
+    assert f"'{flag}'" in result.output and "Traceback" not in result.output, result.output
+    return result.output
+
+
+def test_cli_refuses_bad_settings_naming_the_flag(tiny_bert_dir, toy, tmp_path):
+    out = tmp_path / "o"
+    text = _usage_error(_run_cli(tiny_bert_dir, toy["train"], toy["val"], out, "--method", "lora",
+                                 "--routing", "sample"), "--routing")
+    assert "sample applies to Lily only" in text
+    for flag, value, detail in (("--rank", "0", "must be >= 1"), ("--lr", "nan", "finite"),
+                                ("--epochs", "0", "must be > 0"), ("--warmup", "-1", "must be >= 0"),
+                                ("--max-grad-norm", "inf", "finite"), ("--max-length", "0", "must be >= 1"),
+                                ("--train-size", "0", "must be >= 1"), ("--device", "gpu", "cuda:N"),
+                                ("--targets", ",", "module names"), ("--seed", "-1", "must be >= 0")):
+        text = _usage_error(_run_cli(tiny_bert_dir, toy["train"], toy["val"], out, flag, value), flag)
+        assert detail in text, (flag, text)
+    assert not out.exists()
+
+
+def test_config_refuses_bad_fields_naming_them(tmp_path):
+    need = dict(model="m", train="t.tsv", output=tmp_path / "o")
+    cases = [({"method": "lora", "routing": "sample"}, "routing", "applies to Lily only"),
+             ({"rank": 0}, "rank", "must be >= 1"), ({"rank": 2.0}, "rank", "integer"),
+             ({"lr": float("nan")}, "lr", "finite"), ({"scale": float("inf")}, "scale", "finite"),
+             ({"epochs": 0}, "epochs", "must be > 0"), ({"max_grad_norm": -1.0}, "max_grad_norm", ">= 0"),
+             ({"targets": "query,value"}, "targets", "list of module names"), ({"targets": [" "]}, "targets", "module names"),
+             ({"device": "cuda:x"}, "device", "expected cpu"), ({"routing": "token"}, "routing", "choose one of"),
+             ({"eval_every": 0}, "eval_every", ">= 1"), ({"text_column": ""}, "text_column", "column name"),
+             ({"model": ""}, "model", "expected a path")]
+    for changes, name, detail in cases:
+        with pytest.raises(ConfigError) as info:
+            FinetuneConfig(**{**need, **changes})
+        assert info.value.field == name and detail in str(info.value) and str(info.value).startswith(name + ":")
+        with pytest.raises(ConfigError):  # the keyword form validates the same way, before any work
+            finetune(**{**need, **changes})
+    with pytest.raises(TypeError, match="_stop_after_step"):  # the test faults are not part of the API
+        finetune(**need, _stop_after_step=1)
+
+
+def test_config_defaults_and_resolve(tmp_path):
+    config = FinetuneConfig(model="m", train="t.tsv", output=tmp_path / "o")
+    assert config.epochs == 3.0 and config.device == "auto" and config.val is None and config.max_grad_norm == 1.0
+    assert FinetuneConfig.resolve(config, rank=4) == config.replace(rank=4) and config.rank == 16
+    schedule = training.Schedule.plan(config, rows=100)  # 4 batches of 32 an epoch, 3 epochs, 6% warm-up
+    assert (schedule.steps_per_epoch, schedule.total, schedule.warmup_steps, schedule.eval_every) == (4, 12, 1, 4)
+    assert training.Schedule.plan(config.replace(max_steps=5, warmup=2, grad_accum=2), rows=100).total == 5
 
 
 def test_abbreviate_collapses_layer_indices():

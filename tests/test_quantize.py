@@ -86,7 +86,7 @@ def fp32_onnx(trained_adapter, tmp_path_factory) -> Path:
     from lily_deploy.onnx_export import export_onnx
 
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    assert export_onnx(trained_adapter, path).passed
+    assert export_onnx(source=trained_adapter, output=path).passed
     return path
 
 
@@ -197,7 +197,7 @@ def test_int8_adapter_fp32_exclusions_sqnr_and_onnxruntime_form(fp32_onnx, sst2_
     from lily_deploy.precision import SQNR_KEY, quantize
 
     out = tmp_path / "m.onnx"
-    r = quantize(fp32_onnx, out, "int8", calib=sst2_slice, calib_size=16, val_size=16, adapter_precision="fp32",
+    r = quantize(model_path=fp32_onnx, output=out, precision="int8", calib=sst2_slice, calib_size=16, val_size=16, adapter_precision="fp32",
                  exclude_op_types=["Gemm"], exclude_nodes=["node_linear"], calib_method="percentile",
                  int8_target="onnxruntime", min_sqnr=25.0, cache_dir=cache_dir, progress=False,
                  max_accuracy_drop=100)
@@ -308,6 +308,108 @@ def test_calibration_reader_cache_and_split(fp32_onnx, sst2_slice, tmp_path):
     assert not set(held) & set(first.rows) and len(held) + 20 == first.total_rows
 
 
+def _text_specs(dtype=np.int64):
+    from lily_deploy.calib.readers import InputSpec
+
+    return [InputSpec(n, dtype, ["batch", "sequence"]) for n in ("input_ids", "attention_mask", "token_type_ids")]
+
+
+@pytest.fixture(scope="module")
+def minilm_tokenizer():
+    from lily_deploy.calib.readers import resolve_tokenizer
+
+    return resolve_tokenizer(tokenizer="minilm")
+
+
+def _load_cached(path, cache, tok, specs=None):
+    from lily_deploy.calib.readers import load_calibration
+
+    return load_calibration(path, specs or _text_specs(), size=12, seed=1, batch_size=4, tokenizer=tok,
+                            cache_dir=cache, progress=False)
+
+
+def _same_batches(a, b) -> bool:
+    return len(a.batches) == len(b.batches) and all(
+        x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x) for x, y in zip(a.batches, b.batches))
+
+
+def test_cache_with_tampered_tensors_is_rebuilt(sst2_slice, minilm_tokenizer, tmp_path):
+    from lily_deploy.calib.readers import CalibrationWarning
+
+    cache = tmp_path / "cache"
+    first = _load_cached(sst2_slice, cache, minilm_tokenizer)
+    [file] = list(cache.glob("*.npz"))
+    with np.load(file, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["b0/input_ids"] = arrays["b0/input_ids"].copy()
+    arrays["b0/input_ids"][0, 1] += 1  # a valid .npz whose tensors no longer match its checksum
+    with open(file, "wb") as f:
+        np.savez(f, **arrays)
+    with pytest.warns(CalibrationWarning, match="does not match its checksum.*rebuilding it"):
+        rebuilt = _load_cached(sst2_slice, cache, minilm_tokenizer)
+    assert not rebuilt.from_cache and _same_batches(rebuilt, first) and rebuilt.rows == first.rows
+    again = _load_cached(sst2_slice, cache, minilm_tokenizer)  # the rebuilt cache is good again
+    assert again.from_cache and _same_batches(again, first) and again.labels == first.labels
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_unreadable_cache_is_rebuilt(sst2_slice, minilm_tokenizer, tmp_path, damage):
+    from lily_deploy.calib.readers import CalibrationWarning
+
+    cache = tmp_path / "cache"
+    first = _load_cached(sst2_slice, cache, minilm_tokenizer)
+    [file] = list(cache.glob("*.npz"))
+    data = file.read_bytes()
+    file.write_bytes({"garbage": b"this is not a cache\n" * 50, "truncated": data[:len(data) // 2],
+                      "empty": b""}[damage])
+    with pytest.warns(CalibrationWarning, match="is unreadable.*rebuilding it") as caught:
+        rebuilt = _load_cached(sst2_slice, cache, minilm_tokenizer)
+    assert all("\n" not in str(w.message) for w in caught)  # one line each
+    assert not rebuilt.from_cache and _same_batches(rebuilt, first)
+    assert _load_cached(sst2_slice, cache, minilm_tokenizer).from_cache
+
+
+def test_cache_rebuild_is_one_warning_line_through_the_cli(tmp_path, fp32_onnx, sst2_slice):
+    cache = tmp_path / "cache"
+    args = [fp32_onnx, "--fp16", "--val", sst2_slice, "--val-size", 8, "--max-length", 16,
+            "--max-accuracy-drop", 100, "--cache-dir", cache]
+    assert _invoke(*args, "-o", tmp_path / "a.onnx").exit_code == 0
+    [file] = list(cache.glob("*.npz"))
+    file.write_bytes(b"garbage")
+    result = _invoke(*args, "-o", tmp_path / "b.onnx")
+    assert result.exit_code == 0, result.output
+    warned = [l for l in result.output.splitlines() if l.startswith("warning: calibration cache")]
+    assert len(warned) == 1 and "rebuilding it" in warned[0] and "Traceback" not in result.output
+    assert (tmp_path / "b.onnx").is_file()
+
+
+def test_data_edited_in_place_or_another_model_misses_the_cache(sst2_slice, minilm_tokenizer, tmp_path):
+    import os
+
+    data = tmp_path / "data.tsv"
+    data.write_text("".join(_rows(sst2_slice, 12)))
+    cache = tmp_path / "cache"
+    first = _load_cached(data, cache, minilm_tokenizer)
+    assert _load_cached(data, cache, minilm_tokenizer).from_cache
+    # the same size and modification time, one word changed: only the content tells
+    st = data.stat()
+    lines = data.read_text().splitlines(keepends=True)
+    text, label = lines[1].rsplit("\t", 1)
+    words = text.split(" ")
+    words[0] = "z" * len(words[0])
+    lines[1] = " ".join(words) + "\t" + label
+    data.write_text("".join(lines))
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert data.stat().st_size == st.st_size and data.stat().st_mtime_ns == st.st_mtime_ns
+    edited = _load_cached(data, cache, minilm_tokenizer)
+    assert not edited.from_cache and not _same_batches(edited, first)
+    assert not np.array_equal(edited.batches[0]["input_ids"][0], first.batches[0]["input_ids"][0])
+    # a model whose inputs differ (int32 ids) gets its own tensors
+    other = _load_cached(data, cache, minilm_tokenizer, specs=_text_specs(np.int32))
+    assert not other.from_cache and other.batches[0]["input_ids"].dtype == np.int32
+    assert len(list(cache.glob("*.npz"))) == 3
+
+
 def test_tokenizer_resolution(minilm_adapter, tmp_path):
     from lily_deploy.calib.readers import resolve_tokenizer
     from lily_deploy.core.errors import LilyDeployError
@@ -364,7 +466,7 @@ def test_fewer_samples_warns_or_fails_strict(tmp_path):
     assert "top-1 disagreement" in ok.output  # no labels: the budget applies to top-1 changes
     assert (tmp_path / "q.onnx").is_file()
     strict = _invoke(model, *common, "--strict", "-o", tmp_path / "q2.onnx")
-    _fails(strict, "fewer than the 50 asked for", "--strict")
+    _fails(strict, "fewer than the 50 asked for", "(strict)")
     assert not (tmp_path / "q2.onnx").exists()
 
 
@@ -397,17 +499,139 @@ def test_calibration_inputs_must_match_the_model(fp32_onnx, sst2_slice, tmp_path
     assert not (tmp_path / "q.onnx").exists()
 
 
+def _usage(result, flag, *needles):
+    """A usage error (exit 2, no traceback) naming ``flag``."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    for needle in (f"'{flag}'", *needles):
+        assert needle in result.output, result.output
+
+
 def test_flag_errors(fp32_onnx, sst2_slice, tmp_path):
-    _fails(_invoke(fp32_onnx, "--int8", "-o", tmp_path / "q.onnx"), "--calib")
-    _fails(_invoke(fp32_onnx, "--fp16", "-o", tmp_path / "q.onnx"), "--val")
-    _fails(_invoke(fp32_onnx, "--int8", "--calib", sst2_slice, "--exclude-nodes", "no_such_node",
-                   "-o", tmp_path / "q.onnx"), "--exclude-nodes no_such_node")
-    _fails(_invoke(fp32_onnx, "--int8", "--calib", sst2_slice, "--adapter-precision", "fp16",
-                   "-o", tmp_path / "q.onnx"), "--adapter-precision fp16")
+    _usage(_invoke(fp32_onnx, "--int8", "-o", tmp_path / "q.onnx"), "--calib")
+    _usage(_invoke(fp32_onnx, "--fp16", "-o", tmp_path / "q.onnx"), "--val")
+    _usage(_invoke(fp32_onnx, "--int8", "--calib", sst2_slice, "--exclude-nodes", "no_such_node",
+                   "-o", tmp_path / "q.onnx"), "--exclude-nodes", "no_such_node")
+    _usage(_invoke(fp32_onnx, "--int8", "--calib", sst2_slice, "--exclude-op-types", "Conv",
+                   "-o", tmp_path / "q.onnx"), "--exclude-op-types", "no Conv nodes")
+    _usage(_invoke(fp32_onnx, "--int8", "--calib", sst2_slice, "--adapter-precision", "fp16",
+                   "-o", tmp_path / "q.onnx"), "--adapter-precision", "'fp16'")
     _fails(_invoke(tmp_path / "missing.onnx", "--fp16", "--val", sst2_slice, "-o", tmp_path / "q.onnx"),
            "no such ONNX file")
     usage = _invoke(fp32_onnx, "--calib", sst2_slice, "-o", tmp_path / "q.onnx")
     assert usage.exit_code == 2 and "--int8 or --fp16" in usage.output
+    assert not (tmp_path / "q.onnx").exists()
+
+
+@pytest.mark.parametrize("args, flag, needle", [
+    (["--max-accuracy-drop", "nan"], "--max-accuracy-drop", "finite"),
+    (["--max-accuracy-drop", "inf"], "--max-accuracy-drop", "finite"),
+    (["--max-accuracy-drop", "-1"], "--max-accuracy-drop", ">= 0"),
+    (["--min-sqnr", "nan"], "--min-sqnr", "finite"),
+    (["--calib-size", "0"], "--calib-size", ">= 1"),
+    (["--val-size", "-3"], "--val-size", ">= 1"),
+    (["--batch-size", "0"], "--batch-size", ">= 1"),
+    (["--max-length", "0"], "--max-length", ">= 1"),
+])
+def test_bad_settings_are_usage_errors(tmp_path, args, flag, needle):
+    model = _tiny_float_onnx(tmp_path / "tiny.onnx")
+    np.savez(tmp_path / "calib.npz", x=np.zeros((4, 8), np.float32))
+    result = _invoke(model, "--int8", "--calib", tmp_path / "calib.npz", *args, "-o", tmp_path / "q.onnx")
+    _usage(result, flag, needle)
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_min_sqnr_is_for_int8(tmp_path):
+    model = _tiny_float_onnx(tmp_path / "tiny.onnx")
+    np.savez(tmp_path / "val.npz", x=np.zeros((4, 8), np.float32))
+    _usage(_invoke(model, "--fp16", "--val", tmp_path / "val.npz", "--min-sqnr", 20, "-o", tmp_path / "q.onnx"),
+           "--min-sqnr", "int8")
+
+
+def test_config_errors_name_the_field(tmp_path):
+    from lily_deploy.core.config import ConfigError
+    from lily_deploy.precision import QuantizeConfig, quantize
+
+    model = _tiny_float_onnx(tmp_path / "tiny.onnx")
+    np.savez(tmp_path / "calib.npz", x=np.zeros((4, 8), np.float32))
+    base = dict(model_path=model, output=tmp_path / "q.onnx", calib=tmp_path / "calib.npz")
+    for bad, field in [({"max_accuracy_drop": float("nan")}, "max_accuracy_drop"),
+                       ({"max_accuracy_drop": float("inf")}, "max_accuracy_drop"),
+                       ({"min_sqnr": float("-inf")}, "min_sqnr"),
+                       ({"precision": "int4"}, "precision"),
+                       ({"adapter_precision": "fp16"}, "adapter_precision"),
+                       ({"calib_method": "mse"}, "calib_method"),
+                       ({"int8_target": "cpu"}, "int8_target"),
+                       ({"calib_size": 0}, "calib_size"),
+                       ({"batch_size": 1.5}, "batch_size"),
+                       ({"calib": None}, "calib"),
+                       ({"precision": "fp16", "calib": None}, "val"),
+                       ({"precision": "fp16", "val": tmp_path / "calib.npz", "min_sqnr": 20.0}, "min_sqnr")]:
+        with pytest.raises(ConfigError) as err:
+            QuantizeConfig(**{**base, **bad})
+        assert err.value.field == field and str(err.value).startswith(f"{field}: ")
+        assert "--" not in str(err.value)
+    with pytest.raises(ConfigError) as err:  # the same through the stage's keywords
+        quantize(**base, max_accuracy_drop=float("nan"))
+    assert err.value.field == "max_accuracy_drop"
+    # a node name the graph lacks is known only once the graph is read: still a ConfigError on the field
+    with pytest.raises(ConfigError, match="no node named 'nope'") as err:
+        quantize(QuantizeConfig(**base, exclude_nodes="nope", cache_dir=None, progress=False))
+    assert err.value.field == "exclude_nodes"
+    config = QuantizeConfig(**base)
+    assert config.adapter == "int8" and config.replace(adapter_precision="fp32").adapter == "fp32"
+    assert config.cache_dir is not None and QuantizeConfig.resolve(config, cache_dir=None).cache_dir is None
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_output_that_is_an_input_is_refused(tmp_path):
+    model = _tiny_float_onnx(tmp_path / "tiny.onnx")
+    external = onnx.load(str(model))
+    onnx.save(external, str(tmp_path / "ext.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="ext.onnx.data", size_threshold=0)
+    np.savez(tmp_path / "calib.npz", x=np.zeros((8, 8), np.float32))
+    (tmp_path / "images").mkdir()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    common = ["--int8", "--calib", tmp_path / "calib.npz", "--no-cache"]
+    _fails(_invoke(model, *common, "-o", model), "is the input ONNX model")
+    _fails(_invoke(tmp_path / "ext.onnx", *common, "-o", tmp_path / "ext.onnx.data"), "ext.onnx.data", "ext.onnx")
+    _fails(_invoke(model, *common, "-o", tmp_path / "calib.npz"), "is the input calibration data")
+    _fails(_invoke(model, *common, "--val", tmp_path / "images", "-o", tmp_path / "images" / "q.onnx"),
+           "lies inside the input validation data")
+    _fails(_invoke(model, "--int8", "--calib", tmp_path / "images", "-o", tmp_path / "images" / "q.onnx"),
+           "lies inside the input calibration data")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    assert not list((tmp_path / "images").iterdir())
+
+
+@pytest.mark.parametrize("how", ["--calib", "--val"])
+@pytest.mark.parametrize("content, needle", [
+    ('{"text": "a fine film", "label": 1}\n[1, 2]\n', "line 2"),
+    ('"just a string"\n', "line 1"),
+])
+def test_jsonl_lines_that_are_not_objects(fp32_onnx, tmp_path, how, content, needle):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content)
+    mode = ["--int8", "--calib", bad] if how == "--calib" else ["--fp16", "--val", bad]
+    result = _invoke(fp32_onnx, *mode, "--no-cache", "-o", tmp_path / "q.onnx")
+    _fails(result, "bad.jsonl", needle)
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "q.onnx").exists()
+
+
+@pytest.mark.parametrize("how", ["--calib", "--val"])
+@pytest.mark.parametrize("suffix", [".csv", ".tsv"])
+def test_field_over_the_csv_size_limit(fp32_onnx, tmp_path, how, suffix):
+    import csv
+
+    sep = "," if suffix == ".csv" else "\t"
+    bad = tmp_path / f"big{suffix}"
+    bad.write_text(f"text{sep}label\nfine{sep}1\n{'x' * (csv.field_size_limit() + 10)}{sep}0\n")
+    mode = ["--int8", "--calib", bad] if how == "--calib" else ["--fp16", "--val", bad]
+    result = _invoke(fp32_onnx, *mode, "--no-cache", "-o", tmp_path / "q.onnx")
+    _fails(result, bad.name, "line 3")
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "q.onnx").exists()
 
 
 def test_accuracy_budget_failure_writes_nothing(tmp_path):

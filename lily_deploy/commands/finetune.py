@@ -1,16 +1,14 @@
 """``lily-deploy finetune``: a thin layer over :func:`lily_deploy.training.finetune`."""
 import click
 
-from .options import data_column_options
+from .options import data_column_options, make_config
 
 
 def _targets(ctx, param, value):
+    """``query,value`` -> a list; the config says what an empty list means."""
     if value is None:
         return None
-    items = [v.strip() for v in str(value).split(",") if v.strip()]
-    if not items:
-        raise click.BadParameter(f"{value!r}: expected comma-separated module names, e.g. query,value")
-    return items
+    return [v.strip() for v in str(value).split(",") if v.strip()]
 
 
 @click.command("finetune")
@@ -28,7 +26,7 @@ def _targets(ctx, param, value):
 @click.option("--targets", callback=_targets, default=None, metavar="A,B",
               help="Linear modules to adapt by name suffix (default: PEFT's for the model type, e.g. query,value).")
 @click.option("--lora-rank", type=int, default=None, help="LoRA rank (default: matched to Lily's parameter count).")
-@click.option("--epochs", type=float, default=None, help="Epochs (default 3; --max-steps wins).")
+@click.option("--epochs", type=float, default=3.0, show_default=True, help="Epochs (--max-steps wins).")
 @click.option("--max-steps", type=int, default=None, help="Optimizer steps in all.")
 @click.option("--batch-size", default=32, show_default=True, help="Global batch per forward pass (split across DDP ranks).")
 @click.option("--grad-accum", default=1, show_default=True, help="Forward passes per optimizer step.")
@@ -49,9 +47,7 @@ def _targets(ctx, param, value):
 @click.option("--overwrite", is_flag=True, help="Clear a non-empty -o folder and start over.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @data_column_options
-def command(model, train, val, output, method, rank, lp_stride, num_hp, scale, targets, lora_rank, epochs, max_steps,
-            batch_size, grad_accum, lr, weight_decay, warmup, max_grad_norm, max_length, seed, eval_every, save_every,
-            routing, train_size, val_size, device, resume, overwrite, no_progress, text_column, label_column):
+def command(no_progress, max_grad_norm, **values):
     """Fine-tune --model with Lily (or LoRA) on --train; keep the best adapter by --val accuracy in -o.
 
     The output folder is a PEFT adapter (loadable by PeftModel.from_pretrained and by every
@@ -60,18 +56,11 @@ def command(model, train, val, output, method, rank, lp_stride, num_hp, scale, t
     it trains with DDP; --batch-size is the global batch. With --routing batch each process
     mixes over its own local batch (results depend on N); --routing sample does not.
     """
-    from ..training import finetune
+    from ..training import FinetuneConfig, finetune
 
+    config = make_config(FinetuneConfig, progress=not no_progress, max_grad_norm=max_grad_norm or None, **values)
     try:
-        result = finetune(
-            model, train, val, output, method=method, rank=rank, lp_stride=lp_stride, num_hp=num_hp, scale=scale,
-            targets=targets, lora_rank=lora_rank, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
-            grad_accum=grad_accum, lr=lr, weight_decay=weight_decay, warmup=warmup,
-            max_grad_norm=max_grad_norm or None, max_length=max_length, seed=seed, eval_every=eval_every,
-            save_every=save_every, routing=routing, train_size=train_size, val_size=val_size, device=device,
-            resume=resume, overwrite=overwrite, progress=not no_progress, text_column=text_column,
-            label_column=label_column,
-        )
+        result = finetune(config)
     except KeyboardInterrupt:  # the library has said where the checkpoint is; it is kept on purpose
         click.get_current_context().exit(130)
     if result.world_size == 1 or _is_main():

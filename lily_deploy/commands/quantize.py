@@ -1,7 +1,11 @@
 """``lily-deploy quantize``: a thin layer over :func:`lily_deploy.precision.quantize`."""
 import click
 
-from .options import data_column_options
+from .options import data_column_options, make_config
+
+# QuantizeConfig field -> flag, where the flag is not --field-name
+FLAGS = {"model_path": "MODEL.onnx", "output": "-o", "precision": "--int8/--fp16",
+         "keep_sensitive": "--no-keep-sensitive"}
 
 
 def _names(ctx, param, value):
@@ -9,15 +13,13 @@ def _names(ctx, param, value):
 
 
 def _size(ctx, param, value):
+    """A row count, or 'all' (None); its range is QuantizeConfig's to check."""
     if value is None or str(value).lower() == "all":
         return None
     try:
-        n = int(value)
+        return int(value)
     except ValueError:
         raise click.BadParameter(f"{value!r}: expected a number of rows or 'all'")
-    if n <= 0:
-        raise click.BadParameter(f"{value!r}: must be at least 1")
-    return n
 
 
 @click.command("quantize")
@@ -82,27 +84,32 @@ def command(onnx_file, output, precision, calib, calib_method, calib_size, seed,
     import warnings
 
     from ..calib.readers import CalibrationWarning
+    from ..core.config import ConfigError
     from ..core.errors import LilyDeployError
-    from ..precision import quantize
+    from ..precision import QuantizeConfig, quantize
 
     if precision is None:
         raise click.UsageError("choose --int8 or --fp16")
-    if batch_size <= 0:
-        raise click.BadParameter(f"{batch_size}: must be at least 1", param_hint="--batch-size")
+    cache = {"cache_dir": None} if no_cache else ({"cache_dir": cache_dir} if cache_dir else {})
+    config = make_config(QuantizeConfig, flags=FLAGS, model_path=onnx_file, output=output, precision=precision,
+                         calib=calib, calib_method=calib_method, calib_size=calib_size, seed=seed,
+                         batch_size=batch_size, max_length=max_length, val=val, val_size=val_size,
+                         max_accuracy_drop=max_accuracy_drop, adapter_precision=adapter_precision,
+                         exclude_nodes=exclude_nodes, exclude_op_types=exclude_op_types, int8_target=int8_target,
+                         min_sqnr=min_sqnr, keep_sensitive=not no_keep_sensitive, tokenizer=tokenizer,
+                         model=source_model, text_column=text_column, label_column=label_column, strict=strict,
+                         keep_on_failure=keep_on_failure, **cache)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CalibrationWarning)
-        result = quantize(onnx_file, output, precision=precision, calib=calib, calib_method=calib_method,
-                          calib_size=calib_size, seed=seed, batch_size=batch_size, max_length=max_length, val=val,
-                          val_size=val_size, max_accuracy_drop=max_accuracy_drop, adapter_precision=adapter_precision,
-                          exclude_nodes=exclude_nodes, exclude_op_types=exclude_op_types,
-                          int8_target=int8_target, min_sqnr=min_sqnr,
-                          keep_sensitive=not no_keep_sensitive, tokenizer=tokenizer, model=source_model,
-                          text_column=text_column, label_column=label_column,
-                          cache_dir=None if no_cache else (cache_dir or "default"), strict=strict,
-                          keep_on_failure=keep_on_failure)
-    for w in caught:
-        if issubclass(w.category, CalibrationWarning):
-            click.echo(f"warning: {w.message}", err=True)
+        try:
+            result = quantize(config)
+        except ConfigError as exc:  # a field the graph refutes (an --exclude-nodes name it lacks): a usage error
+            flag = FLAGS.get(exc.field, "--" + exc.field.replace("_", "-"))
+            raise click.BadParameter(exc.detail, param_hint=f"'{flag}'") from None
+        finally:
+            for w in caught:
+                if issubclass(w.category, CalibrationWarning):
+                    click.echo(f"warning: {w.message}", err=True)
     click.echo(result.table())
     if not result.passed:
         kept = f"; {output} written anyway (--keep-on-failure)" if result.written else f"; {output} not written"

@@ -133,15 +133,15 @@ def read_text_table(path: str | Path, text_column: Optional[str] = None, label_c
             delimiter = "," if suffix == ".csv" else "\t"
             with open(path, encoding="utf-8", newline="") as f:
                 reader = csv.DictReader(f, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL if suffix == ".csv" else csv.QUOTE_NONE)
-                columns = list(reader.fieldnames or [])
                 rows = []
                 try:
+                    columns = list(reader.fieldnames or [])
                     for row in reader:
                         rows.append(row)
                         if limit and len(rows) >= limit:
                             break
                 except csv.Error as exc:  # e.g. a field over the csv module's size limit
-                    raise LilyDeployError(f"{path}: line {reader.line_num}: {exc}") from None
+                    raise LilyDeployError(f"{path}: line {reader.reader.line_num}: {exc}") from None
         else:
             raise LilyDeployError(f"{path}: unsupported data format {suffix or '(none)'}; use .tsv, .csv or .jsonl")
     except UnicodeDecodeError:

@@ -25,9 +25,10 @@ OPT_LEVELS = ("disable", "basic", "extended", "all")
 
 
 def ort_session(source: str | os.PathLike | bytes, threads: Optional[int] = None, opt_level: str = "all",
-                providers: Sequence[str] = CPU, flag: Optional[str] = None):
+                providers: Sequence[str] = CPU, flag: Optional[str] = None, config: Optional[dict] = None):
     """An ``onnxruntime.InferenceSession`` for a path or serialized model, with the project's settings.
 
+    ``config``: extra session config entries (e.g. ``{"session.qdqisint8allowed": "1"}``).
     A model onnxruntime cannot load (unknown op, bad graph, missing ``.data``) is a
     :class:`LilyDeployError` naming ``flag`` and the file.
     """
@@ -38,6 +39,8 @@ def ort_session(source: str | os.PathLike | bytes, threads: Optional[int] = None
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(key, str(value))
     so.graph_optimization_level = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
