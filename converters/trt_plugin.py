@@ -98,8 +98,29 @@ def _field_str(data) -> str:
     return bytes(np.asarray(data).astype(np.uint8)).decode().rstrip("\0")
 
 
+def _typestr(desc) -> str:
+    """The array-interface type string of a TensorRT tensor description (``DataType.HALF`` -> ``<f2``)."""
+    return _TYPESTR[str(desc.type).split(".")[-1]]
+
+
+def _plugin_fields(trt, mode: Optional[str] = None, scale: Optional[float] = None):
+    """The plugin's fields, ``mode`` and ``scale``: with values to serialize, or empty to declare them."""
+    return trt.PluginFieldCollection([
+        trt.PluginField("mode", np.array([]) if mode is None else np.frombuffer(mode.encode(), dtype=np.int8),
+                        trt.PluginFieldType.CHAR),
+        trt.PluginField("scale", np.array([]) if scale is None else np.array([scale], dtype=np.float32),
+                        trt.PluginFieldType.FLOAT32),
+    ])
+
+
 def plugin_classes(trt):
     """``(HPMixPlugin, HPMixCreator)`` for the TensorRT module ``trt``."""
+    plugin = _plugin_class(trt)
+    return plugin, _creator_class(trt, plugin)
+
+
+def _plugin_class(trt):
+    """The ``IPluginV3`` for ``lily::HPMix``: shape and type rules for the builder, torch for ``enqueue``."""
 
     class HPMixPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
         def __init__(self, mode: str = "sample", scale: float = 1.0, phase=None):
@@ -145,10 +166,7 @@ def plugin_classes(trt):
             pass
 
         def get_fields_to_serialize(self):
-            return trt.PluginFieldCollection([
-                trt.PluginField("mode", np.frombuffer(self.mode.encode(), dtype=np.int8), trt.PluginFieldType.CHAR),
-                trt.PluginField("scale", np.array([self.scale], dtype=np.float32), trt.PluginFieldType.FLOAT32),
-            ])
+            return _plugin_fields(trt, self.mode, self.scale)
 
         def get_valid_tactics(self):
             return []
@@ -160,11 +178,8 @@ def plugin_classes(trt):
             return self.clone()
 
         def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
-            def typestr(desc):
-                return _TYPESTR[str(desc.type).split(".")[-1]]
-
-            ins = [(ptr, tuple(d.dims), typestr(d)) for ptr, d in zip(inputs, input_desc)]
-            out = (outputs[0], tuple(output_desc[0].dims), typestr(output_desc[0]))
+            ins = [(ptr, tuple(d.dims), _typestr(d)) for ptr, d in zip(inputs, input_desc)]
+            out = (outputs[0], tuple(output_desc[0].dims), _typestr(output_desc[0]))
             hpmix_on_pointers(ins, out, stream, self.mode, self.scale)
 
         def clone(self):
@@ -172,16 +187,19 @@ def plugin_classes(trt):
             other.__dict__.update(self.__dict__)
             return other
 
+    return HPMixPlugin
+
+
+def _creator_class(trt, plugin_cls):
+    """The creator the parser asks for each marked node: reads ``mode``/``scale`` into a ``plugin_cls``."""
+
     class HPMixCreator(trt.IPluginCreatorV3One):
         def __init__(self):
             trt.IPluginCreatorV3One.__init__(self)
             self.name = PLUGIN_NAME
             self.plugin_namespace = PLUGIN_NAMESPACE
             self.plugin_version = PLUGIN_VERSION
-            self.field_names = trt.PluginFieldCollection([
-                trt.PluginField("mode", np.array([]), trt.PluginFieldType.CHAR),
-                trt.PluginField("scale", np.array([]), trt.PluginFieldType.FLOAT32),
-            ])
+            self.field_names = _plugin_fields(trt)
 
         def create_plugin(self, name, fc, phase):
             mode, scale = "sample", 1.0
@@ -190,9 +208,9 @@ def plugin_classes(trt):
                     mode = _field_str(f.data)
                 elif f.name == "scale":
                     scale = float(np.asarray(f.data).reshape(-1)[0])
-            return HPMixPlugin(mode, scale, phase)
+            return plugin_cls(mode, scale, phase)
 
-    return HPMixPlugin, HPMixCreator
+    return HPMixCreator
 
 
 # ---------------------------------------------------------------------------------------

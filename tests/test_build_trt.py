@@ -18,9 +18,10 @@ import pytest
 from click.testing import CliRunner
 
 from lily_deploy import trt_build as build_trt
-from lily_deploy.trt_build import (build_engine, load_onnx, onnx_io, parse_shape_spec, parse_size,
+from lily_deploy.trt_build import (BuildConfig, build_engine, load_onnx, onnx_io, parse_shape_spec, parse_size,
                                    precision_summary, report_path, resolve_profiles)
 from lily_deploy.cli import cli
+from lily_deploy.core.config import ConfigError
 from lily_deploy.core.errors import LilyDeployError
 from lily_deploy.runtime.tensorrt import TrtRunner, check_compatible, pick_profile
 
@@ -57,7 +58,7 @@ def _export_onnx():
 def lily_onnx(minilm_adapter, tmp_path_factory) -> Path:
     """MiniLM+Lily, fp32, lily::HPMix custom ops with function bodies, sample routing."""
     out = tmp_path_factory.mktemp("trt_lily") / "lily.onnx"
-    result = _export_onnx()(minilm_adapter, out, routing="sample", ops="custom", validate=False)
+    result = _export_onnx()(source=minilm_adapter, output=out, routing="sample", ops="custom", validation=False)
     assert result.dynamic_layers > 0
     return out
 
@@ -70,9 +71,10 @@ def folded_onnx(minilm_adapter, tmp_path_factory) -> Path:
     except ImportError as exc:
         pytest.skip(f"lily_deploy.folding is not available yet ({exc})")
     d = tmp_path_factory.mktemp("trt_folded")
-    fold(minilm_adapter, d / "ckpt", strategy="all", random_inputs=True, size=8, batch_size=8, progress=False)
+    fold(source=minilm_adapter, output=d / "ckpt", strategy="all", random_inputs=True, size=8, batch_size=8,
+         progress=False)
     out = d / "folded.onnx"
-    _export_onnx()(d / "ckpt", out, validate=False)
+    _export_onnx()(source=d / "ckpt", output=out, validation=False)
     return out
 
 
@@ -204,11 +206,16 @@ def _run(args):
     return result
 
 
-def _assert_user_error(result, *needles):
-    assert result.exit_code == 1, result.output
+def _assert_user_error(result, *needles, exit_code=1):
+    assert result.exit_code == exit_code, result.output
     assert "Traceback" not in result.output
     for n in needles:
         assert n in result.output, (n, result.output)
+
+
+def _assert_usage_error(result, flag, *needles):
+    """A bad flag value: exit 2, the flag named by click's usage message."""
+    _assert_user_error(result, f"Invalid value for '{flag}'", *needles, exit_code=2)
 
 
 # ---------------------------------------------------------------------------------------
@@ -222,8 +229,53 @@ def test_parse_size_units():
     assert parse_size("1GB") == 10 ** 9
     assert parse_size("4096") == 4096
     for bad in ("2 parsecs", "", "-1GiB", "0"):
-        with pytest.raises(LilyDeployError, match="--workspace"):
+        with pytest.raises(ConfigError, match="workspace") as caught:
             parse_size(bad)
+        assert caught.value.field == "workspace" and isinstance(caught.value, LilyDeployError)
+
+
+@pytest.mark.parametrize("fields, field", [
+    (dict(workspace="1KiB"), "workspace"),
+    (dict(workspace=(1 << 20) - 1), "workspace"),
+    (dict(workspace="lots"), "workspace"),
+    (dict(workspace=0), "workspace"),
+    (dict(workspace=float("nan")), "workspace"),
+    (dict(backend="cuda"), "backend"),
+    (dict(shapes=["x:1x"]), "shapes"),
+    (dict(opt_shapes=["x:0x8"]), "opt_shapes"),
+    (dict(shapes=["x:1x8"], max_shapes=["x:1x8"]), "shapes"),
+    (dict(min_shapes=["x:1x8"], max_shapes=["x:1x8", "x:2x8"]), "min_shapes"),
+    (dict(compute_capabilities=["eighty-nine"]), "compute_capabilities"),
+    (dict(onnx_path=""), "onnx_path"),
+])
+def test_build_config_names_the_field(fields, field):
+    with pytest.raises(ConfigError) as caught:
+        BuildConfig(**{"onnx_path": "m.onnx", **fields})
+    assert caught.value.field == field and str(caught.value).startswith(f"{field}: ")
+    assert "--" not in str(caught.value)  # field names, not flags: the CLI names its flag
+
+
+def test_build_config_defaults_and_normal_form(tmp_path):
+    config = BuildConfig(onnx_path=tmp_path / "m.onnx", workspace="2GiB", compute_capabilities=["sm89"],
+                         shapes="x:1x8")
+    assert config.workspace == 2 << 30 and config.compute_capabilities == ("sm89",) and config.shapes == ("x:1x8",)
+    assert config.engine_path == tmp_path / "m.plan" and config.backend == "auto" and config.progress
+    assert config.replace(output=tmp_path / "e.plan").engine_path == tmp_path / "e.plan"
+    assert BuildConfig.resolve(config, workspace=4 << 20).workspace == 4 << 20
+    with pytest.raises(TypeError, match="no field 'flavour'"):
+        build_engine(onnx_path="m.onnx", flavour="fast")
+
+
+def test_values_that_do_not_fit_the_model_name_their_field(tmp_path):
+    """Found once the ONNX is read, still a ConfigError naming the field (the CLI: exit 2, the flag)."""
+    onnx_path = _function_graph(tmp_path / "fn.onnx")
+    with pytest.raises(ConfigError, match="has no input 'y'") as caught:
+        build_engine(onnx_path=onnx_path, output=tmp_path / "x.plan", shapes=["y:1x8"])
+    assert caught.value.field == "shapes"
+    with pytest.raises(ConfigError, match="need min <= opt <= max") as caught:
+        build_engine(BuildConfig(onnx_path=onnx_path, max_shapes=["x:4x8"]), opt_shapes=["x:8x8"])
+    assert caught.value.field == "opt_shapes"
+    assert not list(tmp_path.glob("*.plan")) and not _no_partials(tmp_path)
 
 
 def test_parse_shape_spec_trtexec_style():
@@ -371,7 +423,8 @@ def test_build_lily_fp32_two_compute_capabilities(lily_onnx, tmp_path):
 @needs_rtx
 def test_build_api_several_profiles_sm80(lily_onnx, tmp_path):
     engine = tmp_path / "two.plan"
-    report = build_engine(lily_onnx, engine, backend="tensorrt-rtx", compute_capabilities=["sm80"],
+    report = build_engine(onnx_path=lily_onnx, output=engine, backend="tensorrt-rtx",
+                          compute_capabilities=["sm80"],
                           min_shapes=["input_ids:1x1", "input_ids:8x64"], opt_shapes=["input_ids:1x64", "input_ids:16x128"],
                           max_shapes=["input_ids:4x128", "input_ids:32x256"], progress=False).data
     assert_report_matches_onnx(report, lily_onnx, targets=["sm80"])
@@ -383,8 +436,8 @@ def test_build_api_several_profiles_sm80(lily_onnx, tmp_path):
 @needs_rtx
 def test_build_folded_graph(folded_onnx, tmp_path):
     engine = tmp_path / "folded.plan"
-    report = build_engine(folded_onnx, engine, backend="tensorrt-rtx", compute_capabilities=["sm86", "sm89"],
-                          shapes=["input_ids:1x128"], progress=False).data
+    report = build_engine(onnx_path=folded_onnx, output=engine, backend="tensorrt-rtx",
+                          compute_capabilities=["sm86", "sm89"], shapes=["input_ids:1x128"], progress=False).data
     assert_report_matches_onnx(report, folded_onnx, targets=["sm86", "sm89"])
     assert report["precision"]["custom_ops"] == {}  # folded: no lily::HPMix left
     assert all(s["min"] == s["max"] == [1, 128] for s in report["profiles"][0].values())
@@ -394,8 +447,8 @@ def test_build_folded_graph(folded_onnx, tmp_path):
 @needs_rtx
 def test_build_int8_qdq_graph(int8_onnx, tmp_path):
     engine = tmp_path / "int8.plan"
-    report = build_engine(int8_onnx, engine, backend="tensorrt-rtx", compute_capabilities=["sm89"],
-                          max_shapes=["input_ids:8x128"], progress=False).data
+    report = build_engine(onnx_path=int8_onnx, output=engine, backend="tensorrt-rtx",
+                          compute_capabilities=["sm89"], max_shapes=["input_ids:8x128"], progress=False).data
     assert_report_matches_onnx(report, int8_onnx, targets=["sm89"])
     assert report["precision"]["label"] == "int8 (Q/DQ)" and report["precision"]["dequantize_linear"] > 0
 
@@ -404,8 +457,8 @@ def test_build_int8_qdq_graph(int8_onnx, tmp_path):
 @needs_rtx
 def test_build_fp16_graph(fp16_onnx, tmp_path):
     engine = tmp_path / "fp16.plan"
-    report = build_engine(fp16_onnx, engine, backend="tensorrt-rtx", compute_capabilities=["sm75"],
-                          max_shapes=["input_ids:8x128"], progress=False).data
+    report = build_engine(onnx_path=fp16_onnx, output=engine, backend="tensorrt-rtx",
+                          compute_capabilities=["sm75"], max_shapes=["input_ids:8x128"], progress=False).data
     assert_report_matches_onnx(report, fp16_onnx, targets=["sm75"])
     assert report["precision"]["label"] == "fp16"
 
@@ -431,10 +484,65 @@ def _project_quantize(src: Path, out: Path, precision: str) -> Path:
 def test_build_project_quantized_graphs(lily_onnx, tmp_path, precision, label):
     graph = _project_quantize(lily_onnx, tmp_path / f"model.{precision}.onnx", precision)
     engine = tmp_path / f"{precision}.plan"
-    report = build_engine(graph, engine, backend="tensorrt-rtx", compute_capabilities=["sm89", "sm120"],
-                          max_shapes=["input_ids:8x128"], progress=False).data
+    report = build_engine(onnx_path=graph, output=engine, backend="tensorrt-rtx",
+                          compute_capabilities=["sm89", "sm120"], max_shapes=["input_ids:8x128"], progress=False).data
     assert_report_matches_onnx(report, graph, targets=["sm89", "sm120"])
     assert report["precision"]["label"] == label
+
+
+@pytest.mark.trt
+@needs_rtx
+def test_build_on_a_gpu_that_is_no_rtx_target(tmp_path, monkeypatch):
+    """As on an H200 (sm90): the default target is sm89, with a note; 'current' is a usage error."""
+    monkeypatch.setattr(build_trt, "_gpu_info", lambda: {"name": "NVIDIA H200", "compute_capability": "sm90"})
+    onnx_path = _function_graph(tmp_path / "fn.onnx")
+    result = _run(["build-trt", str(onnx_path), "-o", str(tmp_path / "c.plan"), "--backend", "tensorrt-rtx",
+                   "--compute-capability", "current"])
+    _assert_usage_error(result, "--compute-capability", "(NVIDIA H200, sm90) is not a TensorRT-RTX", "cannot run here")
+    report = build_engine(onnx_path=onnx_path, output=tmp_path / "h.plan", backend="tensorrt-rtx",
+                          progress=False).data
+    assert report["target"] == {"compute_capabilities": ["sm89"], "ahead_of_time": False,
+                                "build_gpu": {"name": "NVIDIA H200", "compute_capability": "sm90"}}
+    assert any("this GPU (NVIDIA H200, sm90) is not a TensorRT-RTX" in n for n in report["notes"])
+    assert report["layers"] is None and report["layers_note"] == "engine targets sm89, this GPU is sm90"
+
+
+@pytest.mark.trt
+@needs_rtx
+def test_timing_cache_not_a_cache_is_refused_and_a_stale_one_noted(tmp_path):
+    """A file that is no timing cache would be replaced by one after the build: refused, left as it was."""
+    onnx_path = _function_graph(tmp_path / "fn.onnx")
+    junk = tmp_path / "junk.cache"
+    junk.write_bytes(b"not a timing cache " * 8)
+    engine = tmp_path / "fn.plan"
+    result = _run(["build-trt", str(onnx_path), "-o", str(engine), "--backend", "tensorrt-rtx",
+                   "--timing-cache", str(junk)])
+    _assert_user_error(result, f"--timing-cache {junk}: not a timing cache", "delete it")
+    assert junk.read_bytes() == b"not a timing cache " * 8
+    assert not engine.exists() and not report_path(engine).exists() and not _no_partials(tmp_path)
+    # one that starts like a cache but is damaged: built from a fresh cache, and the report says why
+    cache = tmp_path / "timing.cache"
+    build_engine(onnx_path=onnx_path, output=engine, backend="tensorrt-rtx", timing_cache=cache, progress=False)
+    cache.write_bytes(cache.read_bytes()[:-8])
+    report = build_engine(onnx_path=onnx_path, output=engine, backend="tensorrt-rtx", timing_cache=cache,
+                          progress=False).data
+    assert report["timing_cache"]["note"] and report["timing_cache"]["saved_bytes"] == cache.stat().st_size
+
+
+@pytest.mark.trt
+@needs_rtx
+def test_outputs_are_readable_by_group_and_other(tmp_path):
+    """Under umask 022 the engine, its report and the timing cache are 0644, like any file (not mkstemp's 0600)."""
+    onnx_path = _function_graph(tmp_path / "fn.onnx")
+    engine, cache = tmp_path / "perm.plan", tmp_path / "timing.cache"
+    old = os.umask(0o022)
+    try:
+        build_engine(BuildConfig(onnx_path=onnx_path, backend="tensorrt-rtx", progress=False), output=engine,
+                     timing_cache=cache)
+    finally:
+        os.umask(old)
+    for path in (engine, report_path(engine), cache):
+        assert path.stat().st_mode & 0o044 == 0o044, (path, oct(path.stat().st_mode))
 
 
 @pytest.mark.trt
@@ -442,14 +550,14 @@ def test_build_project_quantized_graphs(lily_onnx, tmp_path, precision, label):
 def test_parser_inlines_local_function_and_timing_cache_roundtrip(tmp_path):
     onnx_path = _function_graph(tmp_path / "fn.onnx")
     cache = tmp_path / "timing.cache"
-    first = build_engine(onnx_path, tmp_path / "fn.plan", backend="tensorrt-rtx", timing_cache=cache,
-                         progress=False).data
+    first = build_engine(onnx_path=onnx_path, output=tmp_path / "fn.plan", backend="tensorrt-rtx",
+                         timing_cache=cache, progress=False).data
     assert_report_matches_onnx(first, onnx_path, targets=["sm89"])
     assert first["precision"]["custom_ops"] == {"lily::HPMix": 1}
     assert cache.is_file() and first["timing_cache"]["saved_bytes"] == cache.stat().st_size > 0
     assert first["timing_cache"]["loaded_bytes"] == 0
-    second = build_engine(onnx_path, tmp_path / "fn2.plan", backend="tensorrt-rtx", timing_cache=cache,
-                          progress=False).data
+    second = build_engine(onnx_path=onnx_path, output=tmp_path / "fn2.plan", backend="tensorrt-rtx",
+                          timing_cache=cache, progress=False).data
     assert second["timing_cache"]["loaded_bytes"] == cache.stat().st_size
     if not _cuda():
         assert any("no GPU here: built ahead of time for sm89" in n for n in first["notes"])
@@ -471,6 +579,52 @@ def test_unparseable_onnx_names_node_and_function(tmp_path):
     _assert_user_error(result, "node 'layer0.hpmix' (lily::HPMix)", "FunctionProto body")
 
 
+def _external_graph(folder: Path, location: str) -> Path:
+    """The function graph saved as ``folder/fn.onnx`` with its weights in ``folder/location``."""
+    import onnx
+
+    folder.mkdir(exist_ok=True)
+    model = onnx.load(str(_function_graph(folder / "src.onnx")))
+    out = folder / "fn.onnx"
+    onnx.save(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True, location=location,
+              size_threshold=0)
+    assert (folder / location).is_file()
+    return out
+
+
+def test_outputs_never_replace_inputs(tmp_path):
+    """The engine, its report and the timing cache may not be the ONNX, its weights, or one another."""
+    onnx_path = _external_graph(tmp_path / "a", "fn.onnx.data")
+    data = onnx_path.with_name("fn.onnx.data")
+    other = _external_graph(tmp_path / "b", "weights.bin")
+    weights = other.with_name("weights.bin")
+    engine = tmp_path / "x.plan"
+    as_json = _function_graph(tmp_path / "e.plan.json")  # an ONNX named like the report of -o e.plan
+    as_plan = _function_graph(tmp_path / "m.plan")  # an ONNX named like an engine: the default -o is itself
+    kept = "inputs are never overwritten"
+    cases = [
+        ([onnx_path, "-o", onnx_path], f"-o {onnx_path}: is the input ONNX model {onnx_path}", kept),
+        ([onnx_path, "-o", data], f"-o {data}: is fn.onnx.data, a file of the input ONNX model {onnx_path}", kept),
+        ([other, "-o", weights], f"-o {weights}: is the input ONNX model's weights {weights}", kept),
+        ([as_json, "-o", tmp_path / "e.plan"], f"-o {as_json}: is the input ONNX model {as_json}", kept),
+        ([as_plan], f"-o {as_plan}: is the input ONNX model {as_plan}", kept),
+        ([onnx_path, "-o", engine, "--timing-cache", onnx_path],
+         f"--timing-cache {onnx_path}: is the input ONNX model {onnx_path}", kept),
+        ([onnx_path, "-o", engine, "--timing-cache", data], f"--timing-cache {data}: is fn.onnx.data, a file of", kept),
+        ([onnx_path, "-o", engine, "--timing-cache", engine], f"--timing-cache {engine}: is the engine too", "its own"),
+        ([onnx_path, "-o", engine, "--timing-cache", report_path(engine)], "is the engine's report too", "its own"),
+    ]
+    inputs = [onnx_path, data, other, weights, as_json, as_plan]
+    before = {p: p.read_bytes() for p in inputs}
+    for args, message, tail in cases:
+        result = _run(["build-trt", *map(str, args)])
+        _assert_user_error(result, message, tail)
+        assert len(result.output.strip().splitlines()) == 1, result.output
+    assert {p: p.read_bytes() for p in inputs} == before
+    assert not engine.exists() and not report_path(engine).exists()
+    assert not [p for p in tmp_path.rglob("*") if ".partial" in p.name]
+
+
 def test_not_an_onnx_file(tmp_path):
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"\x08\x07this is not protobuf" * 10)
@@ -478,17 +632,22 @@ def test_not_an_onnx_file(tmp_path):
     _assert_user_error(_run(["build-trt", str(tmp_path / "missing.onnx")]), "no such ONNX file")
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--shapes", "input_ids:1x"], "--shapes 'input_ids:1x'"),
-    (["--shapes", "x:1x8x2"], "has 2 dims"),
-    (["--shapes", "x:4x9"], "fixed at 8"),
-    (["--min-shapes", "x:8x8", "--opt-shapes", "x:4x8"], "min 8, opt 4"),
-    (["--workspace", "lots"], "--workspace 'lots'"),
+@pytest.mark.parametrize("flags, flag, message", [
+    (["--shapes", "input_ids:1x"], "--shapes", "'input_ids:1x'"),
+    (["--shapes", "x:1x8x2"], "--shapes", "has 2 dims"),
+    (["--shapes", "x:4x9"], "--shapes", "fixed at 8"),
+    (["--min-shapes", "x:8x8", "--opt-shapes", "x:4x8"], "--opt-shapes", "min 8, opt 4"),
+    (["--workspace", "lots"], "--workspace", "'lots'"),
+    (["--workspace", "1KiB"], "--workspace", "1.0 KiB is too small"),
+    (["--shapes", "x:1x8", "--max-shapes", "x:4x8"], "--shapes", "do not mix"),
+    (["--min-shapes", "x:1x8", "--max-shapes", "x:4x8", "--max-shapes", "x:8x8"], "--min-shapes", "once per profile"),
+    (["--compute-capability", "eighty-nine"], "--compute-capability", "expected a target such as sm89"),
 ])
-def test_malformed_flags(tmp_path, flags, message):
+def test_malformed_flags(tmp_path, flags, flag, message):
+    """Bad flag values are usage errors (exit 2) naming the flag, found before any build."""
     onnx_path = _function_graph(tmp_path / "fn.onnx")
     result = _run(["build-trt", str(onnx_path), "-o", str(tmp_path / "x.plan"), *flags])
-    _assert_user_error(result, message)
+    _assert_usage_error(result, flag, message)
     assert not (tmp_path / "x.plan").exists()
 
 
@@ -503,18 +662,22 @@ def test_backend_tensorrt_not_installed(tmp_path):
 @needs_rtx
 def test_rtx_specific_user_errors(tmp_path):
     onnx_path = _function_graph(tmp_path / "fn.onnx")
-    _assert_user_error(_run(["build-trt", str(onnx_path), "--compute-capability", "sm91"]),
-                       "--compute-capability 'sm91'", "sm89")
-    _assert_user_error(_run(["build-trt", str(onnx_path), "--backend", "tensorrt-rtx", "--fp16"]),
-                       "has no precision flags")
+    _assert_usage_error(_run(["build-trt", str(onnx_path), "--compute-capability", "sm91"]),
+                        "--compute-capability", "'sm91'", "sm89")
+    _assert_usage_error(_run(["build-trt", str(onnx_path), "--backend", "tensorrt-rtx", "--fp16"]),
+                        "--fp16", "has no precision flags")
+    if not _cuda():
+        _assert_usage_error(_run(["build-trt", str(onnx_path), "--compute-capability", "current"]),
+                            "--compute-capability", "no GPU is visible here")
 
 
 @pytest.mark.trt
 @needs_rtx
 def test_workspace_too_small(lily_onnx, tmp_path):
+    """1 MiB passes the config's floor but not the builder: still a usage error naming --workspace."""
     engine = tmp_path / "small.plan"
-    result = _run(["build-trt", str(lily_onnx), "-o", str(engine), "--backend", "tensorrt-rtx", "--workspace", "1KiB"])
-    _assert_user_error(result, "--workspace 1.0 KiB is too small", "raise --workspace")
+    result = _run(["build-trt", str(lily_onnx), "-o", str(engine), "--backend", "tensorrt-rtx", "--workspace", "1MiB"])
+    _assert_usage_error(result, "--workspace", "1.0 MiB is too small", "raise it")
     assert not engine.exists() and not report_path(engine).exists() and not _no_partials(tmp_path)
 
 
@@ -565,7 +728,7 @@ def test_real_sigint_cancels_the_build(lily_onnx, tmp_path, monkeypatch):
 
     monkeypatch.setattr(build_trt, "_build_serialized", build_then_sigint)
     with pytest.raises(KeyboardInterrupt):
-        build_engine(lily_onnx, engine, backend="tensorrt-rtx", progress=False)
+        build_engine(onnx_path=lily_onnx, output=engine, backend="tensorrt-rtx", progress=False)
     assert not engine.exists() and not report_path(engine).exists() and not _no_partials(tmp_path)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # our handler is gone again
 
@@ -621,7 +784,8 @@ def test_plugin_route_needs_hpmix_nodes(tmp_path):
     m.graph.node[1].op_type = "Other"
     m.functions[0].name = "Other"
     onnx.save(m, str(tmp_path / "other.onnx"))
-    _assert_user_error(_run(["build-trt", str(tmp_path / "other.onnx"), "--plugin-route"]), "no lily::HPMix nodes")
+    _assert_usage_error(_run(["build-trt", str(tmp_path / "other.onnx"), "--plugin-route"]), "--plugin-route",
+                        "no lily::HPMix nodes")
 
 
 # ---------------------------------------------------------------------------------------
@@ -667,7 +831,8 @@ def _gpu_engine(onnx_path, tmp_path, **kw):
         if not rtx_supports(load_backend("tensorrt-rtx"), cc):
             pytest.skip(f"TensorRT-RTX does not run on this GPU ({cc}; e.g. Hopper): needs standard TensorRT here")
     extra = {"compute_capabilities": ["current"]} if backend == "tensorrt-rtx" else {}
-    return build_engine(onnx_path, tmp_path / "gpu.plan", backend=backend, progress=False, **extra, **kw)
+    return build_engine(onnx_path=onnx_path, output=tmp_path / "gpu.plan", backend=backend, progress=False,
+                        **extra, **kw)
 
 
 @pytest.mark.gpu

@@ -3,6 +3,11 @@ import json
 
 import click
 
+from .options import make_config
+
+# config fields whose flag is not --field-name
+FLAGS = {"onnx_path": "MODEL.onnx", "compute_capabilities": "--compute-capability"}
+
 
 @click.command("build-trt")
 @click.argument("onnx_file", metavar="MODEL.onnx", type=click.Path(dir_okay=False))
@@ -15,7 +20,8 @@ import click
 @click.option("--min-shapes", multiple=True, metavar="NAME:DIMS,...", help="Profile minimum shapes (repeat per profile).")
 @click.option("--opt-shapes", multiple=True, metavar="NAME:DIMS,...", help="Profile optimum shapes (repeat per profile).")
 @click.option("--max-shapes", multiple=True, metavar="NAME:DIMS,...", help="Profile maximum shapes (repeat per profile).")
-@click.option("--workspace", default=None, metavar="SIZE", help="Workspace pool limit, e.g. 2GiB, 512MiB.")
+@click.option("--workspace", default=None, metavar="SIZE",
+              help="Workspace pool limit, e.g. 2GiB, 512MiB (at least 1MiB; default: the backend's).")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), default=None,
               help="Timing cache file: read when present, written after the build.")
 @click.option("--compute-capability", "compute_capabilities", multiple=True, metavar="SMxy",
@@ -36,10 +42,16 @@ def command(onnx_file, output, backend, shapes, min_shapes, opt_shapes, max_shap
     middle. Precision comes from the graph (FP16 casts, INT8 Q/DQ): networks are strongly typed.
     Writes the engine and ENGINE.json (backend, targets, profiles, I/O, precision, build time).
     """
-    from ..trt_build import build_engine
+    from ..core.config import ConfigError
+    from ..trt_build import BuildConfig, build_engine
 
-    report = build_engine(onnx_file, output, backend=backend, shapes=shapes, min_shapes=min_shapes,
-                          opt_shapes=opt_shapes, max_shapes=max_shapes, workspace=workspace,
-                          timing_cache=timing_cache, compute_capabilities=compute_capabilities,
-                          plugin_route=plugin_route, fp16=fp16, int8=int8, verbose=verbose)
+    config = make_config(BuildConfig, flags=FLAGS, onnx_path=onnx_file, output=output, backend=backend,
+                         shapes=shapes, min_shapes=min_shapes, opt_shapes=opt_shapes, max_shapes=max_shapes,
+                         workspace=workspace, timing_cache=timing_cache, compute_capabilities=compute_capabilities,
+                         plugin_route=plugin_route, fp16=fp16, int8=int8, verbose=verbose)
+    try:
+        report = build_engine(config)
+    except ConfigError as exc:  # a value that does not fit the model or the backend is as much a usage error
+        flag = FLAGS.get(exc.field, "--" + exc.field.replace("_", "-"))
+        raise click.BadParameter(exc.detail, param_hint=f"'{flag}'") from None
     click.echo(json.dumps(report.data, indent=2) if as_json else report.table())
