@@ -19,6 +19,10 @@ process would credit one runner with what another allocated.
 onnxruntime runs with spinning off (``session.intra_op.allow_spinning=0``) so its idle threads
 do not steal the CPU from the next runner; torch uses ``threads`` threads (its OpenMP threads
 wait as the environment says: ``OMP_WAIT_POLICY=PASSIVE`` on a loaded machine).
+
+One :class:`BenchConfig` describes the run::
+
+    run_bench(models=["base=minilm", "lily=out/adapter"], base=["base"], batch_sizes=(1, 8))
 """
 from __future__ import annotations
 
@@ -35,14 +39,17 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from .core.config import ConfigError, StageConfig, check_choice, check_number
 from .core.errors import LilyDeployError
-from .runtime import ENGINE_SUFFIXES, Runner, cuda_available
+from .core.modes import DYNAMIC_MODES
+from .runtime import Runner, cuda_available, kind_of
 
 BACKENDS = ("torch", "torch-cuda", "onnxruntime", "onnxruntime-cuda", "tensorrt")
 DEFAULT_BATCH_SIZES = (1, 8, 32)
 DEFAULT_SEQ_LENS = (32, 128, 512)
 SCHEMA = 1
-_ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
+# the first four bytes of a serialized plan, per TensorRT flavour (read without importing TensorRT)
+ENGINE_MAGICS = {b"ftrt": "TensorRT", b"vtrt": "TensorRT-RTX"}
 
 
 def _status_mib(key: str) -> Optional[float]:
@@ -73,10 +80,11 @@ def parse_model(spec: str) -> BenchModel:
         if not label or "/" in label:
             raise LilyDeployError(f"model {spec!r}: expected PATH or LABEL=PATH")
     path = Path(text)
-    suffix = path.suffix.lower()
-    kind = "onnx" if suffix == ".onnx" else "engine" if suffix in ENGINE_SUFFIXES else "torch"
+    kind = kind_of(path)
     if kind != "torch" and not path.is_file():
         raise LilyDeployError(f"model {text}: file does not exist")
+    if kind == "engine":
+        check_engine_header(path, f"model {text}")
     if label is None:
         label = path.stem if kind != "torch" else (path.name or text)
     return BenchModel(label, text, kind)
@@ -136,6 +144,24 @@ def _torch_target(m: BenchModel, backend: str, routing: Optional[str], base: Opt
     return BenchTarget(m, backend, runner, model.task, vocab, model.image_size, weights_mib=weights)
 
 
+def check_engine_header(path: str | os.PathLike, where: str) -> str:
+    """The TensorRT flavour whose plan magic ``path`` starts with; any other file is refused in one line.
+
+    Decided before any skip: without a GPU an engine is skipped, but random bytes named ``.plan``
+    are an error wherever they are.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise LilyDeployError(f"{where}: cannot read it ({exc.strerror})") from None
+    flavour = ENGINE_MAGICS.get(head)
+    if flavour is None:
+        raise LilyDeployError(f"{where}: not a TensorRT engine (it starts with {head.hex() or 'nothing'}; a "
+                              "TensorRT plan starts with 'ftrt', a TensorRT-RTX plan with 'vtrt')")
+    return flavour
+
+
 def onnx_vocab(model) -> Optional[int]:
     """Rows of the embedding table that ``input_ids`` indexes (a Gather on an initializer)."""
     inits = {t.name: t for t in model.graph.initializer}
@@ -147,12 +173,16 @@ def onnx_vocab(model) -> Optional[int]:
 
 
 def onnx_weights_mib(model) -> float:
+    """Size of the graph's initializers (what the runner holds as weights)."""
+    from onnx.helper import tensor_dtype_to_np_dtype
+
     total = 0
     for t in model.graph.initializer:
-        n = 1
-        for d in t.dims:
-            n *= int(d)
-        total += n * _ITEMSIZE.get(t.data_type, 4)
+        try:
+            itemsize = tensor_dtype_to_np_dtype(t.data_type).itemsize
+        except (KeyError, TypeError, ValueError):
+            itemsize = 4
+        total += int(np.prod([int(d) for d in t.dims], dtype=np.int64)) * itemsize
     return total / 2 ** 20
 
 
@@ -383,130 +413,209 @@ def _resolve_models(models: Sequence[str], base: Sequence[str]) -> tuple[list[Be
     return specs, base_labels
 
 
-def run_bench(
-    models: Sequence[str],
-    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
-    seq_lens: Sequence[int] = DEFAULT_SEQ_LENS,
-    threads: Optional[int] = None,
-    warmup: int = 3,
-    iters: int = 20,
-    backends: Optional[Sequence[str]] = None,
-    base: Sequence[str] = (),
-    routing: str = "sample",
-    base_model: Optional[str] = None,
-    memory: bool = True,
-    seed: int = 0,
-    progress: bool = True,
-) -> BenchReport:
+def as_tuple(value) -> tuple:
+    """A config's list field as a tuple (a frozen config holds no list); one path or name alone is a list of one."""
+    if isinstance(value, (str, os.PathLike)):
+        return (value,)
+    return tuple(value or ())
+
+
+@dataclass(frozen=True)
+class BenchConfig(StageConfig):
+    """What :func:`run_bench` measures, on which backends and shapes, for how many calls.
+
+    ``models`` are ``PATH`` or ``LABEL=PATH`` specs; ``base`` names base models (paths or labels,
+    also benchmarked) whose rows give the overhead ratio of every other row with the same backend
+    and shape. ``threads`` None: torch's own count. ``backends`` None: every one that applies and
+    is available. ``routing`` applies to Lily models run in torch (ONNX files carry their own).
+    ``memory`` adds the fresh-process peak memory.
+    """
+
+    models: Sequence[str] = ()
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES
+    seq_lens: Sequence[int] = DEFAULT_SEQ_LENS
+    threads: Optional[int] = None
+    warmup: int = 3
+    iters: int = 20
+    backends: Optional[Sequence[str]] = None
+    base: Sequence[str] = ()
+    routing: str = "sample"
+    base_model: Optional[str] = None
+    memory: bool = True
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("models", "batch_sizes", "seq_lens", "base"):
+            object.__setattr__(self, name, as_tuple(getattr(self, name)))
+        if self.backends is not None:
+            object.__setattr__(self, "backends", as_tuple(self.backends))
+        super().__post_init__()
+
+    def validate(self) -> None:
+        if not self.models and not self.base:
+            raise ConfigError("models", "no model given: name ONNX files, engines, model folders or minilm")
+        for name in ("batch_sizes", "seq_lens"):
+            values = getattr(self, name)
+            if not values:
+                raise ConfigError(name, "give at least one value")
+            for v in values:
+                check_number(name, v, 1, integer=True)
+        check_number("threads", self.threads, 1, integer=True, allow_none=True)
+        check_number("warmup", self.warmup, 0, integer=True)
+        check_number("iters", self.iters, 1, integer=True)
+        check_number("seed", self.seed, integer=True)
+        if self.backends is not None:
+            if not self.backends:
+                raise ConfigError("backends", f"give at least one of {', '.join(BACKENDS)}")
+            for b in self.backends:
+                check_choice("backends", b, BACKENDS)
+        check_choice("routing", self.routing, DYNAMIC_MODES)
+
+
+def run_bench(config: Optional[BenchConfig] = None, /, **fields) -> BenchReport:
     """Measure every model on every applicable backend, interleaved; see the module docstring.
 
-    ``base`` names base models (paths or labels, also benchmarked) whose rows give the overhead
-    ratio of every other row with the same backend and shape. ``routing`` applies to Lily models
-    run in torch (ONNX files carry their own). ``memory`` adds the fresh-process peak memory.
+    Takes a :class:`BenchConfig`, or its fields as keywords. Bad input raises :class:`LilyDeployError`.
     """
     import torch
     from tqdm.auto import tqdm
 
+    config = BenchConfig.resolve(config, **fields)
     started = time.perf_counter()
-    if not models and not base:
-        raise LilyDeployError("no MODEL given: name ONNX files, engines, model folders or minilm")
-    for flag, values in (("--batch-sizes", batch_sizes), ("--seq-lens", seq_lens)):
-        if not values or any(int(v) < 1 for v in values):
-            raise LilyDeployError(f"{flag}: expected positive integers, got {list(values)}")
-    if warmup < 0:
-        raise LilyDeployError(f"--warmup {warmup}: must be >= 0")
-    if iters < 1:
-        raise LilyDeployError(f"--iters {iters}: must be >= 1")
-    if threads is not None and threads < 1:
-        raise LilyDeployError(f"--threads {threads}: must be >= 1")
-    wanted = list(backends) if backends else None
-    for b in wanted or []:
-        if b not in BACKENDS:
-            raise LilyDeployError(f"--backends {b!r}: choose from {', '.join(BACKENDS)}")
-    specs, base_labels = _resolve_models(models, list(base or ()))
-
-    threads = int(threads or torch.get_num_threads())
+    specs, base_labels = _resolve_models(config.models, config.base)
+    threads = int(config.threads or torch.get_num_threads())
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     skipped: list[dict] = []
-    runners: list[BenchTarget] = []
     results: list[Measurement] = []
-    notes: list[str] = []
     try:
-        for m in tqdm(specs, desc="bench: load", unit="model", disable=None if progress else True, leave=False):
-            for backend in backends_for(m):
-                if wanted is not None and backend not in wanted:
-                    continue
-                why = unavailable(backend)
-                if why is not None:
-                    if wanted is not None or backend in ("torch", "onnxruntime", "tensorrt"):
-                        skipped.append({"model": m.label, "backend": backend, "reason": why})
-                    continue
-                runners.append(make_runner(m, backend, threads, routing, base_model))
-        if not runners:
-            raise LilyDeployError("nothing to measure: every model/backend pair was skipped ("
-                                  + "; ".join(f"{s['model']} ({s['backend']}): {s['reason']}" for s in skipped) + ")")
-        tasks = {r.task for r in runners}
-        if len(tasks) > 1:
-            raise LilyDeployError(f"models of different tasks ({', '.join(sorted(tasks))}) cannot share inputs; "
-                                  "bench them separately")
-        seqs: list[Optional[int]] = [None] if "image-cls" in tasks else [int(s) for s in seq_lens]
-        configs = [(int(b), s) for b in batch_sizes for s in seqs]
-        total = len(configs) * (warmup + iters) * len(runners)
-        bar = tqdm(total=total, desc="bench", unit="call", disable=None if progress else True, leave=False)
-        for batch, seq in configs:
-            inputs = _inputs(runners, batch, seq, seed)
-            active = []
-            for r in runners:
-                why = r.unsupported(batch, seq)
-                if why:
-                    skipped.append({"model": r.model.label, "backend": r.backend, "batch_size": batch,
-                                    "seq_len": seq, "reason": why})
-                    bar.update(warmup + iters)
-                    continue
-                active.append((r, r.prepare(inputs)))
-            for _ in range(warmup):
-                for r, call in active:
-                    call()
-                    bar.update()
-            times: dict[str, list[float]] = {r.name: [] for r, _ in active}
-            gc.collect()
-            gc.disable()
-            try:
-                for i in range(iters):
-                    k = i % len(active) if active else 0
-                    for r, call in active[k:] + active[:k]:
-                        t0 = time.perf_counter()
-                        call()
-                        times[r.name].append((time.perf_counter() - t0) * 1000.0)
-                        bar.update()
-            finally:
-                gc.enable()
-            for r, _ in active:
-                t = times[r.name]
-                p50 = _percentile(t, 50)
-                results.append(Measurement(r.model.label, r.backend, batch, seq, p50, _percentile(t, 90),
-                                           _percentile(t, 99), statistics.fmean(t), min(t),
-                                           batch * 1000.0 / p50 if p50 > 0 else float("inf"), len(t),
-                                           _round(r.weights_mib), None))
+        runners = _load_targets(config, specs, threads, skipped)
+        seqs = _sequence_lengths(config, runners)
+        shapes = [(int(b), s) for b in config.batch_sizes for s in seqs]
+        bar = tqdm(total=len(shapes) * (config.warmup + config.iters) * len(runners), desc="bench", unit="call",
+                   disable=None if config.progress else True, leave=False)
+        for batch, seq in shapes:
+            results += _measure_shape(config, runners, batch, seq, skipped, bar)
         bar.close()
     finally:
         torch.set_num_threads(previous)
-    if memory:
-        for r in tqdm(runners, desc="bench: peak memory", unit="model", disable=None if progress else True,
-                      leave=False):
-            mine = [x for x in results if x.model == r.model.label and x.backend == r.backend]
-            if not mine:
+    notes = _add_peak_memory(config, runners, results, threads) if config.memory else []
+    _add_base_ratios(results, base_labels)
+    settings = {"threads": threads, "warmup": config.warmup, "iters": config.iters,
+                "batch_sizes": [int(b) for b in config.batch_sizes], "seq_lens": seqs, "routing": config.routing,
+                "backends": list(config.backends) if config.backends else None, "base": sorted(base_labels),
+                "memory": config.memory, "seed": config.seed, "cpu": _cpu(),
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+    model_info = [{"label": m.label, "spec": m.spec, "kind": m.kind,
+                   "backends": [r.backend for r in runners if r.model is m]} for m in specs]
+    return BenchReport(settings, model_info, results, skipped, time.perf_counter() - started, notes)
+
+
+def _load_targets(config: BenchConfig, specs: list[BenchModel], threads: int, skipped: list[dict]) -> list[BenchTarget]:
+    """Every model on every backend that applies and is here; why not is appended to ``skipped``."""
+    from tqdm.auto import tqdm
+
+    wanted = list(config.backends) if config.backends else None
+    runners = []
+    for m in tqdm(specs, desc="bench: load", unit="model", disable=None if config.progress else True, leave=False):
+        for backend in backends_for(m):
+            if wanted is not None and backend not in wanted:
                 continue
-            biggest = max(mine, key=lambda x: (x.batch_size * (x.seq_len or 1), x.batch_size))
-            got, why = peak_memory(r.model, r.backend, threads, routing, base_model,
-                                   {"batch_size": biggest.batch_size, "seq_len": biggest.seq_len})
-            if got is None:
-                notes.append(f"peak memory of {r.name}: {why}")
+            why = unavailable(backend)
+            if why is not None:
+                if wanted is not None or backend in ("torch", "onnxruntime", "tensorrt"):
+                    skipped.append({"model": m.label, "backend": backend, "reason": why})
                 continue
-            for x in mine:
-                x.peak_rss_mib = _round(got.get("peak_rss_mib"))
-                x.peak_gpu_mib = _round(got.get("peak_gpu_mib"))
+            runners.append(make_runner(m, backend, threads, config.routing, config.base_model))
+    if not runners:
+        raise LilyDeployError("nothing to measure: every model/backend pair was skipped ("
+                              + "; ".join(f"{s['model']} ({s['backend']}): {s['reason']}" for s in skipped) + ")")
+    return runners
+
+
+def _sequence_lengths(config: BenchConfig, runners: list[BenchTarget]) -> list[Optional[int]]:
+    """The sequence lengths to measure (None alone for image models); every runner must share one task."""
+    tasks = {r.task for r in runners}
+    if len(tasks) > 1:
+        raise LilyDeployError(f"models of different tasks ({', '.join(sorted(tasks))}) cannot share inputs; "
+                              "bench them separately")
+    return [None] if "image-cls" in tasks else [int(s) for s in config.seq_lens]
+
+
+def _measure_shape(config: BenchConfig, runners: list[BenchTarget], batch: int, seq: Optional[int],
+                   skipped: list[dict], bar) -> list[Measurement]:
+    """Every runner that takes this shape, on the same inputs, timed call by call in turns."""
+    inputs = _inputs(runners, batch, seq, config.seed)
+    active = []
+    for r in runners:
+        why = r.unsupported(batch, seq)
+        if why:
+            skipped.append({"model": r.model.label, "backend": r.backend, "batch_size": batch, "seq_len": seq,
+                            "reason": why})
+            bar.update(config.warmup + config.iters)
+            continue
+        active.append((r, r.prepare(inputs)))
+    times = _time_interleaved(active, config.warmup, config.iters, bar)
+    out = []
+    for r, _ in active:
+        t = times[r.name]
+        p50 = _percentile(t, 50)
+        out.append(Measurement(r.model.label, r.backend, batch, seq, p50, _percentile(t, 90), _percentile(t, 99),
+                               statistics.fmean(t), min(t), batch * 1000.0 / p50 if p50 > 0 else float("inf"),
+                               len(t), _round(r.weights_mib), None))
+    return out
+
+
+def _time_interleaved(active: list[tuple[BenchTarget, Callable[[], None]]], warmup: int, iters: int,
+                      bar) -> dict[str, list[float]]:
+    """Milliseconds per call of each runner; the starting runner rotates each round, GC held off,
+    so a noisy machine slows every runner alike."""
+    for _ in range(warmup):
+        for r, call in active:
+            call()
+            bar.update()
+    times: dict[str, list[float]] = {r.name: [] for r, _ in active}
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(iters):
+            k = i % len(active) if active else 0
+            for r, call in active[k:] + active[:k]:
+                t0 = time.perf_counter()
+                call()
+                times[r.name].append((time.perf_counter() - t0) * 1000.0)
+                bar.update()
+    finally:
+        gc.enable()
+    return times
+
+
+def _add_peak_memory(config: BenchConfig, runners: list[BenchTarget], results: list[Measurement],
+                     threads: int) -> list[str]:
+    """Each runner's peak memory, probed in a fresh process at its largest shape; notes for the failures."""
+    from tqdm.auto import tqdm
+
+    notes = []
+    for r in tqdm(runners, desc="bench: peak memory", unit="model", disable=None if config.progress else True,
+                  leave=False):
+        mine = [x for x in results if x.model == r.model.label and x.backend == r.backend]
+        if not mine:
+            continue
+        biggest = max(mine, key=lambda x: (x.batch_size * (x.seq_len or 1), x.batch_size))
+        got, why = peak_memory(r.model, r.backend, threads, config.routing, config.base_model,
+                               {"batch_size": biggest.batch_size, "seq_len": biggest.seq_len})
+        if got is None:
+            notes.append(f"peak memory of {r.name}: {why}")
+            continue
+        for x in mine:
+            x.peak_rss_mib = _round(got.get("peak_rss_mib"))
+            x.peak_gpu_mib = _round(got.get("peak_gpu_mib"))
+    return notes
+
+
+def _add_base_ratios(results: list[Measurement], base_labels: set[str]) -> None:
+    """Each non-base row's p50 over the base's on the same backend and shape (none across backends)."""
     for res in results:
         if res.model in base_labels:
             continue
@@ -515,12 +624,6 @@ def run_bench(
         if ref is not None and ref.p50_ms > 0:
             res.overhead_vs_base = round(res.p50_ms / ref.p50_ms, 4)
             res.base = ref.model
-    settings = {"threads": threads, "warmup": warmup, "iters": iters, "batch_sizes": [int(b) for b in batch_sizes],
-                "seq_lens": seqs, "routing": routing, "backends": wanted, "base": sorted(base_labels),
-                "memory": memory, "seed": seed, "cpu": _cpu(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
-    model_info = [{"label": m.label, "spec": m.spec, "kind": m.kind,
-                   "backends": [r.backend for r in runners if r.model is m]} for m in specs]
-    return BenchReport(settings, model_info, results, skipped, time.perf_counter() - started, notes)
 
 
 def _cpu() -> Optional[str]:

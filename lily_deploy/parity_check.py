@@ -28,11 +28,16 @@ Its routing is its metadata ``lily_deploy.routing``; the reference runs in that 
 that candidate. Batch invariance must hold for ``sample`` and ``token`` routing and for plain
 (folded) models; for ``batch`` routing -- PEFT's, one mixing vector over the whole padded
 batch -- it is reported as a finding, not a failure. An engine where no GPU is visible is
-SKIPPED with the reason, not failed. Results are objects that are truthy when they pass.
+SKIPPED with the reason, not failed -- but a file that is not a TensorRT engine at all is an
+error, and a run that compared nothing does not pass (``allow_skips`` accepts it, and still
+says NOTHING COMPARED). Results are objects that are truthy when they pass.
+
+One :class:`ParityConfig` describes the run::
+
+    run_parity(reference="out/adapter", candidates=["lily.onnx", "lily.int8.onnx"], data="dev.tsv")
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -42,15 +47,17 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .core.config import ConfigError, StageConfig, check_choice, check_number
 from .core.errors import LilyDeployError
-from .runtime import Runner
+from .core.modes import DYNAMIC_MODES
+from .benchmark import as_tuple, check_engine_header, onnx_vocab
+from .runtime import ENGINE_SUFFIXES, Runner, cuda_available
 from .runtime.onnx_io import metadata_value
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 METRICS = ("accuracy", "f1", "mcc", "agreement")
 LABELLED_METRICS = ("accuracy", "f1", "mcc")
 STATS = ("max", "mean", "p99")
-ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
 DEFAULT_BATCH_SIZES = (1, 8)
 INVARIANCE_REQUIRED = ("sample", "token", "none")
 QUANT_OPS = ("QuantizeLinear", "DequantizeLinear", "QLinearMatMul", "QLinearConv", "MatMulInteger",
@@ -82,54 +89,66 @@ DEFAULT_TOLERANCES = {
 }
 
 
-def _split_key(key: str, flag: str, allow_output: bool) -> tuple[Optional[str], Optional[str]]:
+def _split_key(key: str, name: str, allow_output: bool) -> tuple[Optional[str], Optional[str]]:
     """``*`` / ``int8`` / ``logits`` / ``int8:logits`` -> (precision or None, output or None)."""
     if key == "*":
         return None, None
     head, _, tail = key.partition(":")
     if tail:
         if head not in PRECISIONS:
-            raise LilyDeployError(f"{flag} {key}: {head!r} is not a precision ({', '.join(PRECISIONS)})")
+            raise ConfigError(name, f"{key}: {head!r} is not a precision ({', '.join(PRECISIONS)})")
         if not allow_output:
-            raise LilyDeployError(f"{flag} {key}: expected VALUE or PRECISION:VALUE")
+            raise ConfigError(name, f"{key}: expected VALUE or PRECISION:VALUE")
         return head, tail
     if key in PRECISIONS:
         return key, None
     if not allow_output:
-        raise LilyDeployError(f"{flag} {key}: {key!r} is not a precision ({', '.join(PRECISIONS)})")
+        raise ConfigError(name, f"{key}: {key!r} is not a precision ({', '.join(PRECISIONS)})")
     return None, key
+
+
+def _most_specific_last(pairs, name: str, allow_output: bool) -> list:
+    """``(key, value)`` pairs as ``((precision, output), value)``, generic first so the most specific wins."""
+    items = [(_split_key(k, name, allow_output), v) for k, v in pairs]
+    return sorted(items, key=lambda kv: (kv[0][0] is not None, kv[0][1] is not None))
 
 
 def make_tolerances(atol: Optional[dict] = None, min_agreement: Optional[dict] = None,
                     max_metric_drop: Optional[dict] = None, invariance_atol: Optional[dict] = None,
                     stat: str = "max") -> dict[str, Tolerance]:
-    """Defaults overridden by flag values: keys ``*`` (every precision), ``int8`` (one precision),
-    and for ``atol`` also ``logits`` (an output, every precision) and ``int8:logits``."""
-    if stat not in STATS:
-        raise LilyDeployError(f"--atol-stat {stat!r}: choose one of {', '.join(STATS)}")
+    """Defaults overridden by the given values: keys ``*`` (every precision), ``int8`` (one precision),
+    and for ``atol`` also ``logits`` (an output, every precision) and ``int8:logits``.
+
+    A bad key or value raises :class:`ConfigError` naming the argument (``min_agreement: ...``).
+    """
+    check_choice("stat", stat, STATS)
     out = {p: Tolerance(dict(t.atol), t.min_agreement, t.max_metric_drop, t.invariance_atol, stat)
            for p, t in DEFAULT_TOLERANCES.items()}
-    # generic first, specific last, so the most specific value wins
-    items = [(_split_key(k, "--atol", True), v) for k, v in (atol or {}).items()]
-    items.sort(key=lambda kv: (kv[0][0] is not None, kv[0][1] is not None))
-    for (prec, name), value in items:
+    for (prec, name), value in _most_specific_last((atol or {}).items(), "atol", True):
+        check_number("atol", value, 0)
         for p in ([prec] if prec else PRECISIONS):
             if name is None:
                 out[p].atol = {"*": float(value)}
             else:
                 out[p].atol[name] = float(value)
-    for flag, values, attr, hi in (("--min-agreement", min_agreement, "min_agreement", 100.0),
-                                   ("--max-metric-drop", max_metric_drop, "max_metric_drop", None),
-                                   ("--invariance-atol", invariance_atol, "invariance_atol", None)):
-        pairs = sorted(((_split_key(k, flag, False)[0], v) for k, v in (values or {}).items()),
-                       key=lambda kv: kv[0] is not None)
-        for prec, value in pairs:
-            if value < 0 or (hi is not None and value > hi):
-                bounds = f"between 0 and {hi:g}" if hi else ">= 0"
-                raise LilyDeployError(f"{flag} {value:g}: must be {bounds}")
+    for attr, values, hi in (("min_agreement", min_agreement, 100.0), ("max_metric_drop", max_metric_drop, None),
+                             ("invariance_atol", invariance_atol, None)):
+        for (prec, _), value in _most_specific_last((values or {}).items(), attr, False):
+            check_number(attr, value, 0, hi)
             for p in ([prec] if prec else PRECISIONS):
                 setattr(out[p], attr, float(value))
     return out
+
+
+def _check_tolerances(tolerances: dict) -> None:
+    """A config's tolerances: one per precision, every limit a finite number >= 0."""
+    for p in PRECISIONS:
+        tol = tolerances.get(p) if isinstance(tolerances, dict) else None
+        if not isinstance(tol, Tolerance):
+            raise ConfigError("tolerances", f"no Tolerance for {p} (build them with make_tolerances)")
+        check_choice("tolerances", tol.stat, STATS)
+        for value in (tol.min_agreement, tol.max_metric_drop, tol.invariance_atol, *tol.atol.values()):
+            check_number("tolerances", value, 0)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -158,7 +177,7 @@ def metric_value(name: str, preds: np.ndarray, labels: Optional[np.ndarray], ref
         t, p, c, s = cm.sum(1), cm.sum(0), np.trace(cm), cm.sum()
         den = math.sqrt(max(s * s - float(p @ p), 0.0) * max(s * s - float(t @ t), 0.0))
         return 100.0 * (c * s - float(t @ p)) / den if den else 0.0
-    raise LilyDeployError(f"--metric {name!r}: choose one of {', '.join(METRICS)}")
+    raise ConfigError("metric", f"{name!r}: choose one of {', '.join(METRICS)}")
 
 
 def output_stats(got: np.ndarray, ref: np.ndarray) -> dict:
@@ -190,6 +209,11 @@ class Samples:
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def max_token_id(self) -> Optional[int]:
+        """The largest ``input_ids`` value fed to the models (None for images)."""
+        ids = [int(item["input_ids"].max()) for item in self.items if "input_ids" in item and len(item["input_ids"])]
+        return max(ids) if ids else None
 
     def length(self, i: int) -> int:
         first = next(iter(self.items[i].values()))
@@ -241,8 +265,27 @@ def load_samples(ref, data: Optional[str | Path], limit: Optional[int] = None, m
     enc = ref.tokenizer(list(table.texts), truncation=True, max_length=max_length)
     names = [n for n in ref.input_names if n in enc]
     items = [{n: torch.tensor(enc[n][i], dtype=torch.int64) for n in names} for i in range(len(table.texts))]
+    _check_token_ids(items, ref, data)
     pad = ref.tokenizer.pad_token_id
     return Samples(items, labels, str(data), False, {"input_ids": int(pad if pad is not None else 0)})
+
+
+def _check_token_ids(items: list[dict], ref, data: str | Path) -> None:
+    """Refuse ids the reference cannot embed (a tokenizer that does not match the model): torch
+    would stop mid-run with an IndexError; this names the file and row instead."""
+    cfg = getattr(ref.model, "config", None)
+    sizes = {"input_ids": getattr(cfg, "vocab_size", None), "token_type_ids": getattr(cfg, "type_vocab_size", None)}
+    first_row = 1 if Path(str(data)).suffix.lower() == ".jsonl" else 2  # as core.data counts rows
+    for i, item in enumerate(items):
+        for name, size in sizes.items():
+            ids = item.get(name)
+            if ids is None or not size or not len(ids):
+                continue
+            bad = [int(v) for v in (ids.min(), ids.max()) if not 0 <= int(v) < int(size)]
+            if bad:
+                raise LilyDeployError(f"--data {data}: row {i + first_row} encodes to {name} {bad[0]}, outside the "
+                                      f"reference model's range 0..{int(size) - 1} (its tokenizer does not match "
+                                      "the model)")
 
 
 def _generated(ref, n: int, max_length: int, seed: int) -> Samples:
@@ -283,10 +326,6 @@ def _num_classes(ref) -> Optional[int]:
 
 # --------------------------------------------------------------------------- candidates
 
-_REPORT_DTYPES = {"int64": np.int64, "int32": np.int32, "float32": np.float32, "float16": np.float16,
-                  "bool": np.bool_}
-
-
 @dataclass
 class Candidate:
     """A model under test: where it runs, what it takes and gives, its precision and routing."""
@@ -306,9 +345,19 @@ class Candidate:
     skip: Optional[str] = None
     notes: list[str] = field(default_factory=list)
     runner: Optional[Runner] = None
+    vocab: Optional[int] = None  # rows of its token embedding, where the graph shows them
 
     def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-        return {k: np.asarray(v, dtype=np.float32) for k, v in self.runner.infer(feeds).items()}
+        """Its outputs as float32; a backend failure becomes one line naming the candidate."""
+        try:
+            out = self.runner.infer(feeds)
+        except LilyDeployError:
+            raise
+        except Exception as exc:  # onnxruntime's / TensorRT's own errors on inputs it refuses
+            first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+            shapes = ", ".join(f"{n} {list(t.shape)}" for n, t in feeds.items())
+            raise LilyDeployError(f"--candidate {self.path}: {self.backend} failed on {shapes}: {first}") from exc
+        return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
 
 
 def _normalise_precision(value: str) -> Optional[str]:
@@ -361,26 +410,36 @@ def open_onnx(path: Path, flag: str = "--candidate", threads: Optional[int] = No
     out0 = "logits" if "logits" in runner.output_names else runner.output_names[0]
     classes = _static(runner.output_shapes[out0][-1]) if runner.output_shapes[out0] else None
     c = Candidate(path.name, path, "onnx", runner.backend, precision, metadata_value(meta, "lily_deploy.routing"),
-                  dict(runner.input_dtypes), list(runner.output_names), batch, seq, classes, meta, runner=runner)
+                  dict(runner.input_dtypes), list(runner.output_names), batch, seq, classes, meta, runner=runner,
+                  vocab=onnx_vocab(model))
     c.notes.append(f"precision {precision}: {why}")
     return c
 
 
+def _report_dtype(name: Optional[str]) -> Optional[type]:
+    """A build report's dtype string ("int64", "float32", ...) as a numpy type (None if unknown)."""
+    try:
+        return np.dtype(name).type if name else None
+    except TypeError:
+        return None
+
+
 def open_engine(path: Path) -> Candidate:
-    """An engine's I/O from its build report; it runs only where a GPU and the runner are."""
-    report_file = Path(str(path) + ".json")
-    report = {}
-    if report_file.is_file():
-        try:
-            report = json.loads(report_file.read_text())
-        except json.JSONDecodeError as exc:
-            raise LilyDeployError(f"--candidate {path}: build report {report_file} is not JSON ({exc})") from None
-    inputs = {t["name"]: _REPORT_DTYPES.get(t.get("dtype")) for t in report.get("inputs", [])}
+    """An engine's I/O from its build report; it runs only where a GPU and the runner are.
+
+    The header is checked first: a file that is no TensorRT plan is an error here, not a skip.
+    """
+    from .runtime.tensorrt import read_report, report_path
+
+    check_engine_header(path, f"--candidate {path}")
+    report = read_report(path) or {}
+    inputs = {t["name"]: _report_dtype(t.get("dtype")) for t in report.get("inputs", [])}
     outputs = [t["name"] for t in report.get("outputs", [])]
     precision = _normalise_precision((report.get("precision") or {}).get("label", "fp32")) or "fp32"
     routing = (report.get("onnx") or {}).get("routing")
     out0 = next((t for t in report.get("outputs", []) if t["name"] == "logits"), None)
     classes = _static((out0.get("onnx_shape") or [None])[-1]) if out0 else None
+    report_file = report_path(path)
     c = Candidate(path.name, path, "engine", "tensorrt", precision, routing, inputs, outputs,
                   static_classes=classes, meta={"build_report": str(report_file) if report else None})
     if not report:
@@ -395,11 +454,7 @@ def _engine_skip_reason(report: dict) -> Optional[str]:
     """Why an engine cannot run here (no GPU, no runner, its TensorRT not installed), or None."""
     import importlib.util
 
-    try:
-        has_gpu = torch.cuda.is_available()
-    except Exception:
-        has_gpu = False
-    if not has_gpu:
+    if not cuda_available():
         return "no CUDA GPU here: a TensorRT engine runs only on a GPU (run parity on the GPU machine)"
     module = (report.get("backend") or {}).get("module")
     if module and importlib.util.find_spec(module) is None:
@@ -561,13 +616,31 @@ class ParityReport:
     candidates: list[CandidateResult]
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    allow_skips: bool = False  # whether a run that compared nothing (every candidate skipped) is accepted
 
-    def __bool__(self) -> bool:
-        return all(self.candidates)
+    @property
+    def skipped(self) -> list[CandidateResult]:
+        return [c for c in self.candidates if c.status == "SKIPPED"]
+
+    @property
+    def compared(self) -> list[CandidateResult]:
+        return [c for c in self.candidates if c.status != "SKIPPED"]
 
     @property
     def passed(self) -> bool:
-        return bool(self)
+        """At least one candidate was compared, and none failed."""
+        return bool(self.compared) and all(self.candidates)
+
+    def __bool__(self) -> bool:
+        """Whether the run is acceptable: it passed, or it compared nothing and ``allow_skips`` said that is fine."""
+        return self.passed or (not self.compared and self.allow_skips)
+
+    @property
+    def verdict(self) -> str:
+        """PASSED, FAILED, or NOTHING COMPARED: a run that compared nothing never says PASSED."""
+        if not self.compared:
+            return "NOTHING COMPARED"
+        return "PASSED" if self.passed else "FAILED"
 
     def summary(self) -> str:
         n = {s: sum(1 for c in self.candidates if c.status == s) for s in ("PASSED", "FAILED", "SKIPPED")}
@@ -576,32 +649,38 @@ class ParityReport:
         return ", ".join(parts) + f" of {len(self.candidates)} candidates"
 
     def final_line(self) -> str:
-        """One Polygraphy-style PASSED/FAILED line."""
+        """One Polygraphy-style line: PASSED / FAILED for what was compared, and what was skipped."""
         detail = self.summary()
         failed = [c for c in self.candidates if not c]
         if failed:
             first = failed[0]
             why = first.failures[0] if first.failures else None
             detail += f"; {first.name}: {why.detail if why else first.reason}"
-        return f"{'PASSED' if self else 'FAILED'} | parity: {detail} | {self.seconds:.1f} s"
+        head = self.verdict
+        if not self.compared:
+            head += f" ({len(self.skipped)} skipped)"
+            detail += "; " + "; ".join(f"{c.name} skipped: {c.reason}" for c in self.skipped)
+            if not self.allow_skips:
+                detail += "; a run that compares nothing fails (allow_skips / --allow-skips accepts it)"
+        elif self.skipped:
+            detail += f" (skipped: {', '.join(c.name for c in self.skipped)})"
+        return f"{head} | parity: {detail} | {self.seconds:.1f} s"
 
     def to_json(self) -> dict:
         from .report import environment
 
-        cands = []
-        for c in self.candidates:
-            d = asdict(c)
-            cands.append(d)
         return {
             "schema_version": SCHEMA,
             "kind": "parity",
             "passed": self.passed,
+            "verdict": self.verdict,
+            "allow_skips": self.allow_skips,
             "summary": self.summary(),
             "reference": self.reference,
             "data": self.data,
             "metric": self.metric,
             "batch_sizes": self.batch_sizes,
-            "candidates": cands,
+            "candidates": [asdict(c) for c in self.candidates],
             "notes": self.notes,
             "seconds": round(self.seconds, 3),
             "environment": environment(),
@@ -656,7 +735,7 @@ class ParityReport:
         from .report import markdown_table
 
         ref = self.reference
-        out = [f"# lily-deploy parity: {'PASSED' if self else 'FAILED'}", "",
+        out = [f"# lily-deploy parity: {self.verdict}", "",
                f"- reference: `{ref['path']}` (torch, {ref['task']}, {ref['lily_layers']} Lily layers, "
                f"{ref['folded_layers']} folded)",
                f"- data: `{self.data['source']}`, {self.data['rows']} rows, "
@@ -846,140 +925,195 @@ def check_reference_path(reference: str | Path) -> None:
                               "checkpoint or a base model such as minilm), not an exported file")
 
 
-def run_parity(
-    reference: str | Path,
-    candidates: Sequence[str | Path],
-    data: Optional[str | Path] = None,
-    metric: Optional[str] = None,
-    tolerances: Optional[dict[str, Tolerance]] = None,
-    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
-    routing: Optional[str] = None,
-    limit: Optional[int] = None,
-    max_length: int = 128,
-    text_column: Optional[str] = None,
-    label_column: Optional[str] = None,
-    base: Optional[str] = None,
-    num_generated: int = 64,
-    invariance_samples: int = 8,
-    seed: int = 0,
-    threads: Optional[int] = None,
-    progress: bool = True,
-) -> ParityReport:
+@dataclass(frozen=True)
+class ParityConfig(StageConfig):
+    """What :func:`run_parity` compares, on which inputs, judged by which tolerances.
+
+    ``metric`` None: accuracy when ``data`` has labels, else top-1 agreement. ``routing`` None:
+    each candidate's recorded routing (``sample`` where it records none). ``limit`` None: every
+    row. ``threads`` None: torch's and onnxruntime's own. ``allow_skips``: a run whose every
+    candidate was skipped is accepted (it still says NOTHING COMPARED, never PASSED).
+    """
+
+    reference: str | Path
+    candidates: Sequence[str | Path] = ()
+    data: Optional[str | Path] = None
+    metric: Optional[str] = None
+    tolerances: dict = field(default_factory=make_tolerances)
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES
+    routing: Optional[str] = None
+    limit: Optional[int] = None
+    max_length: int = 128
+    text_column: Optional[str] = None
+    label_column: Optional[str] = None
+    base: Optional[str] = None
+    num_generated: int = 64
+    invariance_samples: int = 8
+    seed: int = 0
+    threads: Optional[int] = None
+    allow_skips: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "candidates", as_tuple(self.candidates))
+        object.__setattr__(self, "batch_sizes", as_tuple(self.batch_sizes))
+        super().__post_init__()
+
+    def validate(self) -> None:
+        if not str(self.reference or ""):
+            raise ConfigError("reference", "a value is required: an adapter folder, a deploy checkpoint or a base "
+                                           "model such as minilm")
+        if not self.candidates:
+            raise ConfigError("candidates", "none given: name at least one ONNX file, engine or model folder")
+        check_choice("metric", self.metric, METRICS, allow_none=True)
+        check_choice("routing", self.routing, DYNAMIC_MODES, allow_none=True)
+        if not self.batch_sizes:
+            raise ConfigError("batch_sizes", "give at least one batch size")
+        for b in self.batch_sizes:
+            check_number("batch_sizes", b, 1, integer=True)
+        check_number("limit", self.limit, 1, integer=True, allow_none=True)
+        check_number("max_length", self.max_length, 1, integer=True)
+        check_number("num_generated", self.num_generated, 1, integer=True)
+        check_number("invariance_samples", self.invariance_samples, 0, integer=True)
+        check_number("seed", self.seed, integer=True)
+        check_number("threads", self.threads, 1, integer=True, allow_none=True)
+        if self.data is None and self.metric in LABELLED_METRICS:
+            raise ConfigError("metric", f"{self.metric} needs labelled data (a data file with a label column), "
+                                        "or use agreement")
+        _check_tolerances(self.tolerances)
+
+
+def run_parity(config: Optional[ParityConfig] = None, /, **fields) -> ParityReport:
     """Run the reference and every candidate on the same inputs and judge each candidate.
 
-    ``routing`` is the reference's routing for candidates whose metadata records none (default
-    ``sample``); a candidate whose recorded routing differs from an explicit ``routing`` is an error.
-    ``threads`` sets torch's and onnxruntime's thread count for the run (default: theirs).
-    Bad input raises :class:`LilyDeployError`; a failed comparison is a FAILED result, not an error.
+    Takes a :class:`ParityConfig`, or its fields as keywords. A candidate whose recorded routing
+    differs from an explicit ``routing`` is an error. Bad input raises :class:`LilyDeployError`;
+    a failed comparison is a FAILED result, not an error; a run that compared nothing is falsy
+    unless ``allow_skips``.
     """
-    if threads is not None and threads < 1:
-        raise LilyDeployError(f"--threads {threads}: must be >= 1")
+    config = ParityConfig.resolve(config, **fields)
     previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(int(threads))
+    if config.threads:
+        torch.set_num_threads(config.threads)
     try:
-        return _run_parity(reference, candidates, data, metric, tolerances, batch_sizes, routing, limit, max_length,
-                           text_column, label_column, base, num_generated, invariance_samples, seed, threads,
-                           progress)
+        return _run(config)
     finally:
         torch.set_num_threads(previous)
 
 
-def _run_parity(reference, candidates, data, metric, tolerances, batch_sizes, routing, limit, max_length,
-                text_column, label_column, base, num_generated, invariance_samples, seed, threads,
-                progress) -> ParityReport:
-    from tqdm.auto import tqdm
-
-    from .converters.hpmix import DYNAMIC_MODES
-
-    from .core.deploy import open_model
-
+def _run(config: ParityConfig) -> ParityReport:
+    """Check the files, load the reference and its inputs, open the candidates, compare each."""
     started = time.perf_counter()
-    if not candidates:
-        raise LilyDeployError("no --candidate given: name at least one ONNX file, engine or model folder")
-    if metric is not None and metric not in METRICS:
-        raise LilyDeployError(f"--metric {metric!r}: choose one of {', '.join(METRICS)}")
-    if routing is not None and routing not in DYNAMIC_MODES:
-        raise LilyDeployError(f"--routing {routing!r}: choose one of {', '.join(DYNAMIC_MODES)}")
-    bad = [b for b in batch_sizes if int(b) < 1]
-    if bad or not batch_sizes:
-        raise LilyDeployError(f"--batch-sizes: expected positive integers, got {list(batch_sizes)}")
-    if limit is not None and limit < 1:
-        raise LilyDeployError(f"--limit {limit}: must be >= 1")
-    if data is None and metric in LABELLED_METRICS:
-        raise LilyDeployError(f"--metric {metric} needs labelled data: give --data FILE with a label column "
-                              "(or use --metric agreement)")
-    check_reference_path(reference)
-    tolerances = tolerances or make_tolerances()
-    # open the candidates first: a missing file should not wait for a model load
-    for spec in candidates:
+    _check_files(config)
+    ref_model, samples, metric = _open_reference(config)
+    cands = _open_candidates(config, ref_model, samples)
+    results = _compare_all(config, cands, _Reference(ref_model, samples), samples, metric)
+    notes = [f"no data given: {samples.source}; metric is top-1 agreement with the reference"] \
+        if samples.generated else []
+    return _report(config, ref_model, samples, metric, results, time.perf_counter() - started, notes)
+
+
+def _check_files(config: ParityConfig) -> None:
+    """Checks that need no model: a missing candidate or a file that is no engine should not wait for a load."""
+    check_reference_path(config.reference)
+    for spec in config.candidates:
         p = Path(str(spec))
         if not p.exists():
             raise LilyDeployError(f"--candidate {p} does not exist")
-    ref_model = open_model(reference, base=base)
+        if p.is_file() and p.suffix.lower() in ENGINE_SUFFIXES:
+            check_engine_header(p, f"--candidate {p}")
+
+
+def _open_reference(config: ParityConfig):
+    """The torch reference, the samples it is compared on, and the metric (decided by the labels)."""
+    from .core.deploy import open_model
+
+    ref_model = open_model(config.reference, base=config.base)
     ref_model.eval()
-    samples = load_samples(ref_model, data, limit, max_length, text_column, label_column, num_generated, seed)
-    if metric is None:
-        metric = "accuracy" if samples.labels is not None else "agreement"
+    samples = load_samples(ref_model, config.data, config.limit, config.max_length, config.text_column,
+                           config.label_column, config.num_generated, config.seed)
+    metric = config.metric or ("accuracy" if samples.labels is not None else "agreement")
     if metric in LABELLED_METRICS and samples.labels is None:
-        raise LilyDeployError(f"--metric {metric} needs labels, but --data {data} has no label column "
+        raise LilyDeployError(f"--metric {metric} needs labels, but --data {config.data} has no label column "
                               "(looked for label, labels, class, target; name it with --label-column, "
                               "or use --metric agreement)")
-    cands = [open_candidate(spec, base=base, threads=threads) for spec in candidates]
+    return ref_model, samples, metric
+
+
+def _open_candidates(config: ParityConfig, ref_model, samples: Samples) -> list[Candidate]:
+    """Every candidate opened and checked against the reference before any of them runs."""
+    cands = [open_candidate(spec, base=config.base, threads=config.threads) for spec in config.candidates]
     for c in cands:
         check_compatible(c, ref_model, ["logits"])
-    ref = _Reference(ref_model, samples)
-    num_classes = _num_classes(ref_model) or 2
-    results: list[CandidateResult] = []
-    total = sum(len(samples) * len(batch_sizes) for c in cands if c.skip is None)
-    bar = tqdm(total=total, desc="parity", unit="sample", disable=None if progress else True, leave=False)
-    notes = []
-    if samples.generated:
-        notes.append(f"no --data: {samples.source}; metric is top-1 agreement with the reference")
+        top = samples.max_token_id()
+        if c.vocab is not None and top is not None and top >= c.vocab:
+            raise LilyDeployError(f"--candidate {c.path}: embeds token ids 0..{c.vocab - 1}, but the inputs "
+                                  f"({samples.source}) have token id {top}; was it exported from another model?")
+    return cands
+
+
+def _compare_all(config: ParityConfig, cands: list[Candidate], ref: _Reference, samples: Samples,
+                 metric: str) -> list[CandidateResult]:
+    from tqdm.auto import tqdm
+
+    total = sum(len(samples) * len(config.batch_sizes) for c in cands if c.skip is None)
+    bar = tqdm(total=total, desc="parity", unit="sample", disable=None if config.progress else True, leave=False)
     try:
-        for c in cands:
-            res = CandidateResult(c.name, str(c.path), c.kind, c.backend, c.precision, c.routing, "PASSED",
-                                  notes=list(c.notes))
-            if c.skip is not None:
-                res.status, res.reason = "SKIPPED", c.skip
-                results.append(res)
-                continue
-            run_routing = _resolve_routing(c, routing, ref_model)
-            res.routing = run_routing if ref_model.layers else (c.routing or "none")
-            if c.kind == "torch" and run_routing and run_routing != "none" and c.meta["model"].layers:
-                c.meta["model"].set_routing(run_routing)
-            tol = tolerances[c.precision]
-            res.tolerance = asdict(tol)
-            for bs in batch_sizes:
-                got, ref_out = _run_batches(c, ref, samples, int(bs), run_routing, bar)
-                _check_shape(c, "logits", got["logits"], ref_out)
-                ref_preds = ref_out.argmax(-1)
-                preds = got["logits"].argmax(-1)
-                ref_metric = metric_value(metric, ref_preds, samples.labels, ref_preds, num_classes)
-                cand_metric = metric_value(metric, preds, samples.labels, ref_preds, num_classes)
-                outputs = {"logits": output_stats(got["logits"], ref_out)}
-                res.batches.append(BatchResult(c.static_batch or int(bs), cand_metric, ref_metric,
-                                               cand_metric - ref_metric,
-                                               100.0 * float(np.mean(preds == ref_preds)), outputs))
-                if c.static_batch and c.static_batch != bs:
-                    res.notes.append(f"batch dimension fixed at {c.static_batch}: ran batch {c.static_batch} "
-                                     f"instead of {bs}")
-                    break
-            res.invariance = _invariance(c, ref, samples, run_routing if ref_model.layers else "none",
-                                         invariance_samples, tol)
-            _judge(res, tol, metric)
-            results.append(res)
+        return [_compare(c, config, ref, samples, metric, bar) for c in cands]
     finally:
         bar.close()
-    layers = ref_model.layers
-    reference_info = {"path": str(reference), "backend": "torch-cpu", "task": ref_model.task,
+
+
+def _compare(c: Candidate, config: ParityConfig, ref: _Reference, samples: Samples, metric: str,
+             bar) -> CandidateResult:
+    """One candidate against the reference at every batch size, then batch invariance, then judged."""
+    res = CandidateResult(c.name, str(c.path), c.kind, c.backend, c.precision, c.routing, "PASSED",
+                          notes=list(c.notes))
+    if c.skip is not None:
+        res.status, res.reason = "SKIPPED", c.skip
+        return res
+    layers = ref.model.layers
+    run_routing = _resolve_routing(c, config.routing, ref.model)
+    res.routing = run_routing if layers else (c.routing or "none")
+    if c.kind == "torch" and run_routing and run_routing != "none" and c.meta["model"].layers:
+        c.meta["model"].set_routing(run_routing)
+    tol = config.tolerances[c.precision]
+    res.tolerance = asdict(tol)
+    num_classes = _num_classes(ref.model) or 2
+    for bs in config.batch_sizes:
+        res.batches.append(_batch_result(c, ref, samples, int(bs), run_routing, metric, num_classes, bar))
+        if c.static_batch and c.static_batch != bs:
+            res.notes.append(f"batch dimension fixed at {c.static_batch}: ran batch {c.static_batch} "
+                             f"instead of {bs}")
+            break
+    res.invariance = _invariance(c, ref, samples, run_routing if layers else "none", config.invariance_samples, tol)
+    _judge(res, tol, metric)
+    return res
+
+
+def _batch_result(c: Candidate, ref: _Reference, samples: Samples, bs: int, routing: Optional[str], metric: str,
+                  num_classes: int, bar) -> BatchResult:
+    """Candidate vs reference over every sample in batches of ``bs``: the metric, agreement and diffs."""
+    got, ref_out = _run_batches(c, ref, samples, bs, routing, bar)
+    _check_shape(c, "logits", got["logits"], ref_out)
+    ref_preds = ref_out.argmax(-1)
+    preds = got["logits"].argmax(-1)
+    ref_metric = metric_value(metric, ref_preds, samples.labels, ref_preds, num_classes)
+    cand_metric = metric_value(metric, preds, samples.labels, ref_preds, num_classes)
+    return BatchResult(c.static_batch or bs, cand_metric, ref_metric, cand_metric - ref_metric,
+                       100.0 * float(np.mean(preds == ref_preds)), {"logits": output_stats(got["logits"], ref_out)})
+
+
+def _report(config: ParityConfig, ref_model, samples: Samples, metric: str, results: list[CandidateResult],
+            seconds: float, notes: list[str]) -> ParityReport:
+    reference_info = {"path": str(config.reference), "backend": "torch-cpu", "task": ref_model.task,
                       "labels": ref_model.labels and [str(x) for x in ref_model.labels],
-                      "lily_layers": len(layers), "folded_layers": len(ref_model.folded or {}),
+                      "lily_layers": len(ref_model.layers), "folded_layers": len(ref_model.folded or {}),
                       "base_model": ref_model.meta.get("base_model")}
     data_info = {"source": samples.source, "rows": len(samples), "labelled": samples.labels is not None,
-                 "generated": samples.generated, "max_length": max_length, "limit": limit}
-    return ParityReport(reference_info, data_info, metric, [int(b) for b in batch_sizes], results,
-                        time.perf_counter() - started, notes)
+                 "generated": samples.generated, "max_length": config.max_length, "limit": config.limit}
+    return ParityReport(reference_info, data_info, metric, [int(b) for b in config.batch_sizes], results, seconds,
+                        notes, config.allow_skips)
 
 
 def _resolve_routing(c: Candidate, routing: Optional[str], ref_model) -> Optional[str]:

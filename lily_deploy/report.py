@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .core.errors import LilyDeployError
-from .core.fileio import atomic_file, write_json
+from .core.fileio import atomic_file, check_not_input, write_json
 
 SCHEMA_VERSION = 1
 
@@ -197,10 +197,32 @@ def plot_parity(report: dict, path: str | os.PathLike) -> Optional[str]:
 PLOTTERS = {"parity": plot_parity, "bench": plot_bench}
 
 
-def write_reports(report: dict, markdown: str, folder: str | os.PathLike, flag: str = "--report-dir") -> dict:
-    """``<kind>.json``, ``<kind>.md`` and ``<kind>.png`` in ``folder`` (made if missing); returns the paths."""
+def report_paths(folder: str | os.PathLike, kind: str) -> dict[str, Path]:
+    """Where :func:`write_reports` puts a ``kind`` report in ``folder``."""
+    folder = Path(folder)
+    return {"json": folder / f"{kind}.json", "markdown": folder / f"{kind}.md", "png": folder / f"{kind}.png"}
+
+
+def check_report_dir(folder: str | os.PathLike, kind: str, inputs: dict, flag: str = "--report-dir") -> None:
+    """Refuse, before the run, a report folder (or a report file in it) that is one of the run's inputs.
+
+    ``inputs`` maps a name for the message to an input path (model names that are no path are fine).
+    """
+    check_not_input(folder, inputs, flag)
+    for path in report_paths(folder, kind).values():
+        check_not_input(path, inputs, flag)
+
+
+def write_reports(report: dict, markdown: str, folder: str | os.PathLike, flag: str = "--report-dir",
+                  inputs: Optional[dict] = None) -> dict:
+    """``<kind>.json``, ``<kind>.md`` and ``<kind>.png`` in ``folder`` (made if missing); returns the paths.
+
+    With ``inputs`` (as for :func:`check_report_dir`), a report that would overwrite an input is refused.
+    """
     kind = report["kind"]
     folder = Path(folder)
+    if inputs:
+        check_report_dir(folder, kind, inputs, flag)
     if folder.exists() and not folder.is_dir():
         raise LilyDeployError(f"{flag} {folder}: exists and is not a folder")
     if not folder.exists():
@@ -208,7 +230,7 @@ def write_reports(report: dict, markdown: str, folder: str | os.PathLike, flag: 
         if not parent.is_dir():
             raise LilyDeployError(f"{flag} {folder}: folder {parent} does not exist")
         folder.mkdir()
-    paths = {"json": folder / f"{kind}.json", "markdown": folder / f"{kind}.md", "png": folder / f"{kind}.png"}
+    paths: dict = report_paths(folder, kind)
     write_json(paths["json"], report, flag)
     write_markdown(paths["markdown"], markdown, flag)
     why = PLOTTERS[kind](report, paths["png"])

@@ -10,8 +10,9 @@ import torch
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
-from lily_deploy.benchmark import parse_model, run_bench
+from lily_deploy.benchmark import BenchConfig, check_engine_header, parse_model, run_bench
 from lily_deploy.cli import cli
+from lily_deploy.core.config import ConfigError
 from lily_deploy.core.errors import LilyDeployError
 
 FAST = dict(batch_sizes=(1, 2), seq_lens=(8, 16), warmup=1, iters=4, threads=1, progress=False, memory=False)
@@ -22,7 +23,7 @@ def lily_onnx(tiny_roberta_adapter, tmp_path_factory):
     from lily_deploy.onnx_export import export_onnx
 
     path = tmp_path_factory.mktemp("bench") / "lily.onnx"
-    export_onnx(tiny_roberta_adapter, path, routing="sample")
+    export_onnx(source=tiny_roberta_adapter, output=path, routing="sample")
     return path
 
 
@@ -43,7 +44,7 @@ def _fixed_onnx(path, batch=1, seq=8):
 
 
 def test_interleaved_run_with_base_ratios(tiny_roberta_dir, tiny_roberta_adapter, lily_onnx):
-    report = run_bench([f"lily={tiny_roberta_adapter}", f"lily={lily_onnx}"], base=[f"base={tiny_roberta_dir}"],
+    report = run_bench(models=[f"lily={tiny_roberta_adapter}", f"lily={lily_onnx}"], base=[f"base={tiny_roberta_dir}"],
                        **FAST)
     pairs = {(r.model, r.backend) for r in report.results}
     assert pairs == {("base", "torch"), ("lily", "torch"), ("lily", "onnxruntime")}
@@ -90,8 +91,8 @@ def test_engine_without_gpu_is_skipped(lily_onnx, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: the engine would run")
     plan = tmp_path / "lily.plan"
-    plan.write_bytes(b"engine")
-    report = run_bench([str(lily_onnx), str(plan)], **{**FAST, "batch_sizes": (1,), "seq_lens": (8,)})
+    plan.write_bytes(b"vtrt" + bytes(60))  # a TensorRT-RTX plan's header: taken for an engine, never run here
+    report = run_bench(models=[str(lily_onnx), str(plan)], **{**FAST, "batch_sizes": (1,), "seq_lens": (8,)})
     assert {r.model for r in report.results} == {"lily"}
     assert report.skipped == [{"model": "lily", "backend": "tensorrt", "reason": "no CUDA GPU here"}]
     assert "skipped: lily (tensorrt): no CUDA GPU here" in report.table()
@@ -99,19 +100,75 @@ def test_engine_without_gpu_is_skipped(lily_onnx, tmp_path):
 
 def test_bad_input(lily_onnx, tmp_path):
     run = lambda *a: CliRunner().invoke(cli, ["bench", *map(str, a)])  # noqa: E731
-    r = run()
-    assert r.exit_code == 1 and "error: no MODEL given" in r.output and "Traceback" not in r.output
+    r = run()  # a usage error of the config now (exit 2 naming MODEL; it was exit 1)
+    assert r.exit_code == 2 and "no model given" in r.output and "'MODEL'" in r.output and "Traceback" not in r.output
     r = run(tmp_path / "missing.onnx")
     assert r.exit_code == 1 and f"error: model {tmp_path / 'missing.onnx'}: file does not exist" in r.output
     r = run(lily_onnx, "--backends", "torch,cuda-magic")
     assert r.exit_code == 2 and "cuda-magic" in r.output
     r = run(lily_onnx, "--backends", "torch")
     assert r.exit_code == 1 and "nothing to measure" in r.output
-    r = run(lily_onnx, "--iters", "0", "--threads", "1")
-    assert r.exit_code == 1 and "--iters 0: must be >= 1" in r.output
+    r = run(lily_onnx, "--iters", "0", "--threads", "1")  # exit 2 naming the flag (was exit 1)
+    assert r.exit_code == 2 and "'--iters'" in r.output and "must be >= 1, got 0" in r.output
     r = run(lily_onnx, "--seq-lens", "0")
     assert r.exit_code == 2
     with pytest.raises(LilyDeployError, match="expected PATH or LABEL=PATH"):
         parse_model("=x.onnx")
     with pytest.raises(LilyDeployError, match="names two models of the same kind"):
-        run_bench([f"a={lily_onnx}", f"a={lily_onnx}"], **FAST)
+        run_bench(models=[f"a={lily_onnx}", f"a={lily_onnx}"], **FAST)
+
+
+def test_files_that_are_no_model_are_one_line(lily_onnx, tmp_path):
+    fast = ["--batch-sizes", "1", "--seq-lens", "8", "--iters", "1", "--warmup", "0"]
+    run = lambda *a: CliRunner().invoke(cli, ["bench", *map(str, a), *fast])  # noqa: E731
+    rng = np.random.default_rng(0)
+    junk = tmp_path / "random.onnx"
+    junk.write_bytes(rng.bytes(4096))
+    plan = tmp_path / "random.plan"
+    plan.write_bytes(rng.bytes(4096))
+    for path, needle in ((junk, f"error: model {junk}: not an ONNX model"),
+                         (plan, f"error: model {plan}: not a TensorRT engine (it starts with ")):
+        for args in ((path,), (lily_onnx, path), (lily_onnx, "--base", path)):
+            r = run(*args)
+            assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+            assert needle in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    with pytest.raises(LilyDeployError, match="not a TensorRT engine"):
+        check_engine_header(plan, "engine")
+    assert check_engine_header(_header(tmp_path / "a.engine", b"ftrt"), "engine") == "TensorRT"
+    assert check_engine_header(_header(tmp_path / "b.plan", b"vtrt"), "engine") == "TensorRT-RTX"
+
+
+def _header(path, magic):
+    path.write_bytes(magic + bytes(60))
+    return path
+
+
+def test_reports_never_overwrite_an_input(tiny_roberta_adapter, lily_onnx, tmp_path):
+    run = lambda *a: CliRunner().invoke(cli, ["bench", *map(str, a), "--iters", "1", "--no-memory"])  # noqa: E731
+    r = run(tiny_roberta_adapter, "--report-dir", tiny_roberta_adapter)
+    assert r.exit_code == 1 and f"--report-dir {tiny_roberta_adapter}: is the input model" in r.output, r.output
+    r = run(f"lily={tiny_roberta_adapter}", "--report-dir", tiny_roberta_adapter / "rep")
+    assert r.exit_code == 1 and "lies inside the input model" in r.output, r.output
+    copy = tmp_path / "bench.json"  # an input where the JSON report would go
+    copy.write_bytes(lily_onnx.read_bytes())
+    r = run(f"lily={copy}", "--report-dir", tmp_path)
+    assert r.exit_code == 1 and f"--report-dir {copy}: is the input model" in r.output, r.output
+    assert copy.read_bytes() == lily_onnx.read_bytes() and not (tiny_roberta_adapter / "rep").exists()
+
+
+def test_config_is_validated_naming_the_field_or_flag(lily_onnx):
+    for fields, name in ((dict(models=[]), "models"), (dict(batch_sizes=[0]), "batch_sizes"),
+                         (dict(seq_lens=[]), "seq_lens"), (dict(threads=0), "threads"), (dict(warmup=-1), "warmup"),
+                         (dict(iters=0), "iters"), (dict(iters=2.5), "iters"), (dict(backends=[]), "backends"),
+                         (dict(backends=["cuda-magic"]), "backends"), (dict(routing="static"), "routing")):
+        with pytest.raises(ConfigError) as info:
+            BenchConfig(**{"models": [str(lily_onnx)], **fields})
+        assert info.value.field == name and str(info.value).startswith(f"{name}: ") and "--" not in str(info.value)
+        with pytest.raises(ConfigError):
+            run_bench(**{"models": [str(lily_onnx)], **fields})
+    config = BenchConfig(models=str(lily_onnx), base="x", batch_sizes=[2])
+    assert config.models == (str(lily_onnx),) and config.base == ("x",) and config.batch_sizes == (2,)
+    assert BenchConfig(base=["minilm"]).models == ()  # a base alone is something to measure
+    for args, flag in ((("--threads", "0"), "--threads"), (("--warmup", "-1"), "--warmup")):
+        r = CliRunner().invoke(cli, ["bench", str(lily_onnx), *args])
+        assert r.exit_code == 2 and f"'{flag}'" in r.output and "Traceback" not in r.output, r.output

@@ -17,9 +17,10 @@ from onnx import TensorProto, helper
 
 from conftest import SENTENCES, data_file
 from lily_deploy.cli import cli
+from lily_deploy.core.config import ConfigError
 from lily_deploy.core.errors import LilyDeployError
-from lily_deploy.parity_check import (DEFAULT_TOLERANCES, detect_precision, make_tolerances, metric_value, output_stats,
-                                run_parity)
+from lily_deploy.parity_check import (DEFAULT_TOLERANCES, ParityConfig, detect_precision, make_tolerances, metric_value,
+                                      output_stats, run_parity)
 
 TEXTS = SENTENCES + ["not bad at all", "it 's a mess", "one of the year 's most intriguing explorations",
                      "the film is strictly routine", "a masterpiece of quiet, patient storytelling"]
@@ -53,7 +54,7 @@ def exported(tiny_roberta_adapter, tmp_path_factory):
     paths = {}
     for routing in ("sample", "batch"):
         paths[routing] = out / f"lily_{routing}.onnx"
-        export_onnx(tiny_roberta_adapter, paths[routing], routing=routing)
+        export_onnx(source=tiny_roberta_adapter, output=paths[routing], routing=routing)
     paths["fp16"] = out / "lily.fp16.onnx"
     paths["int8"] = out / "lily.int8.onnx"
     _fp16(paths["sample"], paths["fp16"])
@@ -96,13 +97,14 @@ def _int8(src, dst, adapter):
 
 
 def _tiny_onnx(path, inputs=("input_ids", "attention_mask"), output="logits", classes=2, batch="batch",
-               seq="sequence", meta=None, input_type=TensorProto.INT64):
+               seq="sequence", meta=None, input_type=TensorProto.INT64, vocab=30522):
     """A small hand-made graph: mean of a 2-column embedding over the tokens -> [batch, classes]."""
-    emb = helper.make_tensor("emb", TensorProto.FLOAT, [30522, classes],
-                             np.random.default_rng(0).standard_normal((30522, classes)).astype(np.float32).ravel())
-    nodes = [helper.make_node("Cast", [inputs[0]], ["ids"], to=TensorProto.INT64),
-             helper.make_node("Gather", ["emb", "ids"], ["g"]),
-             helper.make_node("ReduceMean", ["g", "axes"], [output], keepdims=0)]
+    emb = helper.make_tensor("emb", TensorProto.FLOAT, [vocab, classes],
+                             np.random.default_rng(0).standard_normal((vocab, classes)).astype(np.float32).ravel())
+    ids = inputs[0] if input_type == TensorProto.INT64 else "ids"  # int64 ids index the embedding directly
+    nodes = [helper.make_node("Cast", [inputs[0]], ["ids"], to=TensorProto.INT64)] if ids == "ids" else []
+    nodes += [helper.make_node("Gather", ["emb", ids], ["g"]),
+              helper.make_node("ReduceMean", ["g", "axes"], [output], keepdims=0)]
     axes = helper.make_tensor("axes", TensorProto.INT64, [1], [1])
     graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info(n, input_type, [batch, seq])
                                               for n in inputs],
@@ -132,8 +134,8 @@ def _assert_error(result, *needles):
 # ------------------------------------------------------------------------------------ the comparison
 
 def test_fp32_sample_and_batch_routing(tiny_roberta_adapter, exported, labelled):
-    report = run_parity(tiny_roberta_adapter, [exported["sample"], exported["batch"]], data=labelled,
-                        batch_sizes=(1, 4), progress=False)
+    report = run_parity(reference=tiny_roberta_adapter, candidates=[exported["sample"], exported["batch"]],
+                        data=labelled, batch_sizes=(1, 4), progress=False)
     assert report and report.passed
     sample, batch = report.candidates
     assert sample.routing == "sample" and batch.routing == "batch"
@@ -159,8 +161,8 @@ def test_fp32_sample_and_batch_routing(tiny_roberta_adapter, exported, labelled)
 
 
 def test_fp16_and_int8_judged_on_agreement_and_metric(tiny_roberta_adapter, exported, labelled):
-    report = run_parity(tiny_roberta_adapter, [exported["fp16"], exported["int8"]], data=labelled,
-                        batch_sizes=(4,), progress=False)
+    report = run_parity(reference=tiny_roberta_adapter, candidates=[exported["fp16"], exported["int8"]],
+                        data=labelled, batch_sizes=(4,), progress=False)
     fp16, int8 = report.candidates
     assert fp16.precision == "fp16" and int8.precision == "int8"
     assert "graph" in " ".join(int8.notes)  # decided from the Q/DQ nodes
@@ -173,8 +175,8 @@ def test_fp16_and_int8_judged_on_agreement_and_metric(tiny_roberta_adapter, expo
         assert c.invariance.required
     assert int8.batches[0].outputs["logits"]["max_abs"] > 0  # int8 really differs from fp32
     # an explicit int8 atol makes the abs difference a judged check, and an impossible one fails
-    strict = run_parity(tiny_roberta_adapter, [exported["int8"]], data=labelled, batch_sizes=(4,), progress=False,
-                        tolerances=make_tolerances(atol={"int8:logits": 1e-9}))
+    strict = run_parity(reference=tiny_roberta_adapter, candidates=[exported["int8"]], data=labelled,
+                        batch_sizes=(4,), progress=False, tolerances=make_tolerances(atol={"int8:logits": 1e-9}))
     assert not strict and strict.candidates[0].status == "FAILED"
     assert "atol 1e-09" in strict.candidates[0].reason
 
@@ -194,8 +196,8 @@ def test_torch_candidate_and_generated_inputs(tiny_roberta_adapter, exported, tm
     from lily_deploy.core.deploy import load_model, save_deploy
 
     ckpt = save_deploy(load_model(tiny_roberta_adapter, mode="sample"), tmp_path / "ckpt")
-    report = run_parity(tiny_roberta_adapter, [ckpt, exported["sample"]], num_generated=12, batch_sizes=(3,),
-                        progress=False)
+    report = run_parity(reference=tiny_roberta_adapter, candidates=[ckpt, exported["sample"]], num_generated=12,
+                        batch_sizes=(3,), progress=False)
     assert report, report.table()
     assert report.metric == "agreement" and report.data["generated"] and report.data["rows"] == 12
     torch_c = report.candidates[0]
@@ -266,7 +268,8 @@ def test_candidate_inputs_or_outputs_do_not_match(tiny_roberta_adapter, labelled
 def test_matching_hand_made_graph_runs_and_fails_on_numbers(tiny_roberta_adapter, labelled, tmp_path):
     """Same inputs and outputs, different model: a comparison result (FAILED), not an error."""
     tiny = _tiny_onnx(tmp_path / "tiny.onnx")
-    report = run_parity(tiny_roberta_adapter, [tiny], data=labelled, batch_sizes=(4,), progress=False)
+    report = run_parity(reference=tiny_roberta_adapter, candidates=[tiny], data=labelled, batch_sizes=(4,),
+                        progress=False)
     assert not report and report.candidates[0].status == "FAILED"
     assert "takes no token_type_ids" in " ".join(report.candidates[0].notes)
 
@@ -277,21 +280,82 @@ def test_label_the_model_does_not_know(tiny_roberta_adapter, exported, tmp_path)
                   f"--data {bad}: row 2 has label 'neutral', which the model does not know (labels: 0, 1)")
 
 
+# the header of a serialized TensorRT-RTX plan (what build-trt writes; a TensorRT plan starts with b"ftrt"),
+# for tests that need a file parity takes for an engine but never runs
+PLAN_HEADER = b"vtrt" + bytes(60)
+
+
+@pytest.fixture(scope="module")
+def rtx_engine(tmp_path_factory):
+    """A real engine of the small hand-made graph, built ahead of time with TensorRT for RTX (no GPU needed)."""
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT for RTX is not installed (pip install tensorrt-rtx-cu12)")
+    from lily_deploy.trt_build import build_engine
+
+    out = tmp_path_factory.mktemp("engine")
+    build_engine(onnx_path=_tiny_onnx(out / "tiny.onnx"), output=out / "tiny.plan", backend="tensorrt-rtx",
+                 compute_capabilities=["sm89"], progress=False)
+    return out / "tiny.plan"
+
+
 def test_engine_without_gpu_is_skipped_not_failed(tiny_roberta_adapter, exported, labelled, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: the engine would run (see test_build_trt's GPU tests)")
     plan = tmp_path / "model.plan"
-    plan.write_bytes(b"not run here")
+    plan.write_bytes(PLAN_HEADER)
     result = _cli("--reference", tiny_roberta_adapter, "--candidate", exported["sample"], "--candidate", plan,
                   "--data", labelled, "--batch-sizes", "4")
     assert result.exit_code == 0, result.output
     assert "model.plan: SKIPPED -- no CUDA GPU here" in result.output
-    assert result.output.strip().splitlines()[-1].startswith("PASSED | parity: 1 passed, 1 skipped of 2 candidates")
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("PASSED | parity: 1 passed, 1 skipped of 2 candidates")
+    assert "(skipped: model.plan)" in last  # PASSED for what was compared, and it names what was not
+
+
+def test_nothing_compared_is_not_passed(tiny_roberta_adapter, rtx_engine, labelled):
+    """Issue #12: a run whose only candidate is skipped used to print PASSED and exit 0."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the engine is not skipped")
+    from lily_deploy.benchmark import check_engine_header
+
+    assert check_engine_header(rtx_engine, "engine") == "TensorRT-RTX"
+    result = _cli("--reference", tiny_roberta_adapter, "--candidate", rtx_engine, "--data", labelled)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("NOTHING COMPARED (1 skipped) | parity: 0 passed, 1 skipped of 1 candidates")
+    assert "tiny.plan skipped: no CUDA GPU here" in last and "--allow-skips" in last and "PASSED" not in last
+    allowed = _cli("--reference", tiny_roberta_adapter, "--candidate", rtx_engine, "--data", labelled,
+                   "--allow-skips", "--json")
+    assert allowed.exit_code == 0, allowed.output
+    last = allowed.output.strip().splitlines()[-1]
+    assert last.startswith("NOTHING COMPARED (1 skipped) | parity:") and "PASSED" not in last
+    data = json.loads(allowed.stdout)
+    assert data["passed"] is False and data["verdict"] == "NOTHING COMPARED" and data["allow_skips"] is True
+    # the Python API: falsy unless skips are allowed, and never `passed`
+    report = run_parity(reference=tiny_roberta_adapter, candidates=[rtx_engine], data=labelled, progress=False)
+    assert not report and not report.passed and report.verdict == "NOTHING COMPARED"
+    report = run_parity(reference=tiny_roberta_adapter, candidates=[rtx_engine], data=labelled, progress=False,
+                        allow_skips=True)
+    assert report and not report.passed
+    assert report.markdown().startswith("# lily-deploy parity: NOTHING COMPARED")
+
+
+def test_a_file_that_is_no_engine_is_an_error_not_a_skip(tiny_roberta_adapter, exported, labelled, tmp_path):
+    junk = tmp_path / "random.plan"
+    junk.write_bytes(np.random.default_rng(0).bytes(4096))
+    for args in (("--candidate", junk), ("--candidate", exported["sample"], "--candidate", junk)):
+        result = _cli("--reference", tiny_roberta_adapter, *args, "--data", labelled)
+        _assert_error(result, f"--candidate {junk}: not a TensorRT engine")
+        assert len(result.output.strip().splitlines()) == 1
+    empty = tmp_path / "empty.engine"
+    empty.write_bytes(b"")
+    _assert_error(_cli("--reference", tiny_roberta_adapter, "--candidate", empty),
+                  f"--candidate {empty}: not a TensorRT engine (it starts with nothing")
 
 
 def test_engine_report_with_other_io_is_refused(tiny_roberta_adapter, labelled, tmp_path):
     plan = tmp_path / "vit.plan"
-    plan.write_bytes(b"engine")
+    plan.write_bytes(PLAN_HEADER)
     (tmp_path / "vit.plan.json").write_text(json.dumps({
         "inputs": [{"name": "pixel_values", "dtype": "float32", "shape": [-1, 3, 32, 32]}],
         "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, 3], "onnx_shape": ["batch", 3]}],
@@ -305,8 +369,10 @@ def test_metric_that_needs_labels_on_unlabelled_data(tiny_roberta_adapter, expor
     _assert_error(_cli("--reference", tiny_roberta_adapter, "--candidate", exported["sample"], "--data", texts,
                        "--metric", "accuracy"),
                   "--metric accuracy needs labels", "has no label column", "--metric agreement")
-    _assert_error(_cli("--reference", tiny_roberta_adapter, "--candidate", exported["sample"], "--metric", "f1"),
-                  "--metric f1 needs labelled data: give --data FILE")
+    # a cross-field rule of the config: a usage error naming the flag (it was exit 1 with the flag in the message)
+    result = _cli("--reference", tiny_roberta_adapter, "--candidate", exported["sample"], "--metric", "f1")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "'--metric'" in result.output and "f1 needs labelled data" in result.output
     # without --metric, unlabelled data is compared on agreement
     result = _cli("--reference", tiny_roberta_adapter, "--candidate", exported["sample"], "--data", texts,
                   "--batch-sizes", "4")
@@ -330,9 +396,93 @@ def test_routing_conflict_and_other_mistakes(tiny_roberta_adapter, exported, lab
     shutil.copy(exported["sample"], other)
     _assert_error(_cli("--reference", tiny_roberta_adapter, "--candidate", other), "not an .onnx file")
     result = _cli("--reference", tiny_roberta_adapter, "--candidate", exported["sample"], "--atol", "int9:logits:1")
-    _assert_error(result, "--atol int9:logits: 'int9' is not a precision")
+    assert result.exit_code == 2 and "Traceback" not in result.output  # a usage error (was exit 1)
+    assert "'--atol'" in result.output and "int9:logits: 'int9' is not a precision" in result.output
     result = _cli("--reference", tiny_roberta_adapter, "--candidate", exported["sample"], "--batch-sizes", "0")
     assert result.exit_code == 2 and "--batch-sizes" in result.output
+
+
+def test_token_ids_outside_the_vocabulary(tiny_roberta_dir, tiny_roberta_adapter, labelled, tmp_path):
+    """Ids a model cannot embed are one line naming the file, not an IndexError or an onnxruntime traceback."""
+    from transformers import AutoTokenizer, RobertaConfig, RobertaForSequenceClassification
+
+    small = tmp_path / "small-vocab"
+    cfg = RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, pad_token_id=0, max_position_embeddings=258, num_labels=2)
+    RobertaForSequenceClassification(cfg).save_pretrained(str(small))
+    AutoTokenizer.from_pretrained(str(tiny_roberta_dir)).save_pretrained(str(small))  # ids up to 30521
+    candidate = _tiny_onnx(tmp_path / "any.onnx")
+    result = _cli("--reference", small, "--candidate", candidate, "--data", labelled)
+    _assert_error(result, f"--data {labelled}: row 2 encodes to input_ids", "outside the reference model's range 0..99")
+    assert len(result.output.strip().splitlines()) == 1
+    # a candidate whose embedding is smaller than the reference's (exported from another model)
+    narrow = _tiny_onnx(tmp_path / "narrow.onnx", vocab=1000)
+    result = _cli("--reference", tiny_roberta_adapter, "--candidate", narrow, "--data", labelled)
+    _assert_error(result, f"--candidate {narrow}: embeds token ids 0..999, but the inputs", "have token id")
+
+
+def test_reports_never_overwrite_an_input(tiny_roberta_adapter, exported, labelled, tmp_path):
+    before = labelled.read_bytes()
+    result = _cli("--reference", tiny_roberta_adapter, "--candidate", exported["sample"], "--data", labelled,
+                  "--report-dir", tiny_roberta_adapter)
+    _assert_error(result, f"--report-dir {tiny_roberta_adapter}: is the input reference")
+    result = _cli("--reference", tiny_roberta_adapter, "--candidate", exported["sample"], "--data", labelled,
+                  "--report-dir", tiny_roberta_adapter / "rep")
+    _assert_error(result, "lies inside the input reference")
+    # a data file where the report would go: parity.json in the report folder
+    rep = tmp_path / "rep"
+    rep.mkdir()
+    rows = rep / "parity.json"
+    rows.write_text("".join(json.dumps({"sentence": t, "label": i % 2}) + "\n" for i, t in enumerate(TEXTS)))
+    result = _cli("--reference", tiny_roberta_adapter, "--candidate", exported["sample"], "--data", rows,
+                  "--report-dir", rep)
+    _assert_error(result, f"--report-dir {rows}: is the input data")
+    assert labelled.read_bytes() == before and not (tiny_roberta_adapter / "rep").exists()
+    assert sorted(p.name for p in rep.iterdir()) == ["parity.json"]
+
+
+def test_config_is_validated_naming_the_field_or_flag(exported):
+    cand = [exported["sample"]]
+    for fields, name in ((dict(candidates=[]), "candidates"), (dict(batch_sizes=[0]), "batch_sizes"),
+                         (dict(batch_sizes=[]), "batch_sizes"), (dict(threads=0), "threads"),
+                         (dict(limit=0), "limit"), (dict(max_length=0), "max_length"),
+                         (dict(num_generated=0), "num_generated"), (dict(invariance_samples=-1), "invariance_samples"),
+                         (dict(metric="top5"), "metric"), (dict(routing="static"), "routing"),
+                         (dict(metric="mcc"), "metric"), (dict(batch_sizes=[1.5]), "batch_sizes"),
+                         (dict(tolerances={}), "tolerances")):
+        with pytest.raises(ConfigError) as info:
+            ParityConfig(**{"reference": "minilm", "candidates": cand, **fields})
+        assert info.value.field == name and str(info.value).startswith(f"{name}: "), str(info.value)
+        assert "--" not in str(info.value)
+        with pytest.raises(ConfigError):  # the stage refuses the same fields before loading anything
+            run_parity(reference="minilm", **{"candidates": cand, **fields})
+    bad = make_tolerances()
+    bad["fp16"].invariance_atol = float("nan")
+    with pytest.raises(ConfigError, match="tolerances: must be a finite number"):
+        ParityConfig(reference="minilm", candidates=cand, tolerances=bad)
+    for kwargs, name in ((dict(atol={"*": float("nan")}), "atol"), (dict(atol={"logits": -1}), "atol"),
+                         (dict(max_metric_drop={"int8": float("inf")}), "max_metric_drop"),
+                         (dict(stat="median"), "stat")):
+        with pytest.raises(ConfigError) as info:
+            make_tolerances(**kwargs)
+        assert info.value.field == name
+    config = ParityConfig(reference="minilm", candidates=exported["sample"], batch_sizes=[4])
+    assert config.candidates == (exported["sample"],) and config.batch_sizes == (4,)
+    assert config.replace(allow_skips=True).allow_skips and set(config.tolerances) == set(DEFAULT_TOLERANCES)
+
+
+@pytest.mark.parametrize("args, flag", [(("--threads", "0"), "--threads"), (("--limit", "0"), "--limit"),
+                                        (("--max-length", "0"), "--max-length"),
+                                        (("--num-generated", "0"), "--num-generated"),
+                                        (("--invariance-samples", "-1"), "--invariance-samples"),
+                                        (("--min-agreement", "120"), "--min-agreement"),
+                                        (("--atol", "nan"), "--atol"),
+                                        (("--max-metric-drop", "int9:1"), "--max-metric-drop")])
+def test_cli_usage_errors_exit_2_naming_the_flag(exported, args, flag):
+    result = CliRunner().invoke(cli, ["parity", "--reference", "minilm", "--candidate", str(exported["sample"]),
+                                      *args])
+    assert result.exit_code == 2, result.output
+    assert f"'{flag}'" in result.output and "Traceback" not in result.output
 
 
 # ------------------------------------------------------------------------------------ pieces
@@ -358,7 +508,7 @@ def test_tolerance_precedence():
     assert tol["fp32"].min_agreement == 99.5 and tol["fp16"].min_agreement == 90
     assert tol["int8"].max_metric_drop == 2
     assert tol["fp16"].max_metric_drop == DEFAULT_TOLERANCES["fp16"].max_metric_drop
-    with pytest.raises(LilyDeployError, match="--min-agreement"):
+    with pytest.raises(LilyDeployError, match="min_agreement"):  # the argument, not the CLI flag
         make_tolerances(min_agreement={"*": 120})
     with pytest.raises(LilyDeployError, match="'logits' is not a precision"):
         make_tolerances(max_metric_drop={"logits": 1})

@@ -1,7 +1,7 @@
 """``lily-deploy bench``: a thin layer over :func:`lily_deploy.benchmark.run_bench`."""
 import click
 
-from .options import int_list
+from .options import int_list, make_config
 
 
 def _backends(ctx, param, value):
@@ -56,16 +56,23 @@ def command(models, batch_sizes, seq_lens, threads, warmup, iters, backends, bas
     """
     import json
 
-    from ..benchmark import run_bench
+    from ..benchmark import BenchConfig, parse_model, run_bench
 
-    report = run_bench(models, batch_sizes=batch_sizes, seq_lens=seq_lens, threads=threads, warmup=warmup,
-                       iters=iters, backends=backends, base=base, routing=routing, base_model=base_model,
-                       memory=memory)
+    config = make_config(BenchConfig, flags={"models": "MODEL"}, models=models, batch_sizes=batch_sizes,
+                         seq_lens=seq_lens, threads=threads, warmup=warmup, iters=iters, backends=backends, base=base,
+                         routing=routing, base_model=base_model, memory=memory)
+    inputs = {f"model {m.spec}": m.spec for m in map(parse_model, (*models, *base))}
+    inputs["--base-model"] = base_model
+    if report_dir is not None:
+        from ..report import check_report_dir
+
+        check_report_dir(report_dir, "bench", inputs)
+    report = run_bench(config)
     data = report.to_json()
     if report_dir is not None:
         from ..report import write_reports
 
-        paths = write_reports(data, report.markdown(), report_dir)
+        paths = write_reports(data, report.markdown(), report_dir, inputs=inputs)
     if as_json:
         click.echo(json.dumps(data, indent=2))
     else:

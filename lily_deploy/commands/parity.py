@@ -1,7 +1,7 @@
 """``lily-deploy parity``: a thin layer over :func:`lily_deploy.parity_check.run_parity`."""
 import click
 
-from .options import base_option, data_column_options, int_list, parse_tolerances
+from .options import base_option, data_column_options, int_list, make_config, parse_tolerances
 
 
 def _tolerances(ctx, param, values):
@@ -44,36 +44,49 @@ def _tolerances(ctx, param, values):
 @click.option("--threads", type=int, default=None, help="torch and onnxruntime threads (default: theirs).")
 @click.option("--report-dir", type=click.Path(file_okay=False), default=None,
               help="Write parity.json, parity.md and parity.png here.")
+@click.option("--allow-skips", is_flag=True,
+              help="Exit 0 when every candidate was skipped (e.g. engines without a GPU); the last line then "
+                   "says NOTHING COMPARED, never PASSED.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the table.")
 @data_column_options
 @base_option
 @click.pass_context
 def command(ctx, reference, candidates, data, metric, atol, atol_stat, min_agreement, max_metric_drop,
             invariance_atol, batch_sizes, routing, limit, max_length, num_generated, invariance_samples, threads,
-            report_dir, as_json, text_column, label_column, base):
+            report_dir, allow_skips, as_json, text_column, label_column, base):
     """Check that every candidate matches the torch reference on the same inputs.
 
     \b
     Per candidate: task metric and its delta, top-1 agreement, max/mean/p99 abs diff and cosine
     similarity of the logits, batch invariance (required for sample routing, a finding for batch
     routing), each judged by precision (read from the ONNX). Engines are SKIPPED where no GPU is.
-    Ends with one PASSED/FAILED line; exits 1 when any candidate fails.
+    Ends with one PASSED/FAILED line; exits 1 when any candidate fails, or when nothing was
+    compared (every candidate skipped) unless --allow-skips.
     """
     import json
 
-    from ..parity_check import make_tolerances, run_parity
+    from ..parity_check import ParityConfig, make_tolerances, run_parity
 
-    tolerances = make_tolerances(atol, min_agreement, max_metric_drop, invariance_atol, atol_stat)
-    report = run_parity(reference, candidates, data=data, metric=metric, tolerances=tolerances,
-                        batch_sizes=batch_sizes, routing=routing, limit=limit, max_length=max_length,
-                        text_column=text_column, label_column=label_column, base=base,
-                        num_generated=num_generated, invariance_samples=invariance_samples,
-                        threads=threads)
+    tolerances = make_config(make_tolerances, flags={"stat": "--atol-stat"}, atol=atol, min_agreement=min_agreement,
+                             max_metric_drop=max_metric_drop, invariance_atol=invariance_atol, stat=atol_stat)
+    config = make_config(ParityConfig, flags={"candidates": "--candidate"}, reference=reference,
+                         candidates=candidates, data=data, metric=metric, tolerances=tolerances,
+                         batch_sizes=batch_sizes, routing=routing, limit=limit, max_length=max_length,
+                         text_column=text_column, label_column=label_column, base=base,
+                         num_generated=num_generated, invariance_samples=invariance_samples, threads=threads,
+                         allow_skips=allow_skips)
+    inputs = {"reference": reference, "data": data, "base": base,
+              **{f"candidate {c}": c for c in candidates}}
+    if report_dir is not None:
+        from ..report import check_report_dir
+
+        check_report_dir(report_dir, "parity", inputs)
+    report = run_parity(config)
     data_json = report.to_json()
     if report_dir is not None:
         from ..report import write_reports
 
-        paths = write_reports(data_json, report.markdown(), report_dir)
+        paths = write_reports(data_json, report.markdown(), report_dir, inputs=inputs)
     click.echo(json.dumps(data_json, indent=2) if as_json else report.table())
     if report_dir is not None:
         written = ", ".join(str(p) for k, p in paths.items() if k != "png_note" and p is not None)
