@@ -39,17 +39,18 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .core.config import ConfigError, StageConfig, check_choice, check_number
+from .core.config import ConfigError, StageConfig, as_tuple, check_choice, check_number
 from .core.errors import LilyDeployError
 from .core.modes import DYNAMIC_MODES
 from .runtime import Runner, cuda_available, kind_of
+from .runtime.onnx_io import onnx_vocab
+from .runtime.tensorrt import check_engine_header
 
 BACKENDS = ("torch", "torch-cuda", "onnxruntime", "onnxruntime-cuda", "tensorrt")
 DEFAULT_BATCH_SIZES = (1, 8, 32)
 DEFAULT_SEQ_LENS = (32, 128, 512)
 SCHEMA = 1
 # the first four bytes of a serialized plan, per TensorRT flavour (read without importing TensorRT)
-ENGINE_MAGICS = {b"ftrt": "TensorRT", b"vtrt": "TensorRT-RTX"}
 
 
 def _status_mib(key: str) -> Optional[float]:
@@ -142,34 +143,6 @@ def _torch_target(m: BenchModel, backend: str, routing: Optional[str], base: Opt
     weights = sum(t.numel() * t.element_size() for t in tensors.values()) / 2 ** 20
     vocab = getattr(getattr(model.model, "config", None), "vocab_size", None)
     return BenchTarget(m, backend, runner, model.task, vocab, model.image_size, weights_mib=weights)
-
-
-def check_engine_header(path: str | os.PathLike, where: str) -> str:
-    """The TensorRT flavour whose plan magic ``path`` starts with; any other file is refused in one line.
-
-    Decided before any skip: without a GPU an engine is skipped, but random bytes named ``.plan``
-    are an error wherever they are.
-    """
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError as exc:
-        raise LilyDeployError(f"{where}: cannot read it ({exc.strerror})") from None
-    flavour = ENGINE_MAGICS.get(head)
-    if flavour is None:
-        raise LilyDeployError(f"{where}: not a TensorRT engine (it starts with {head.hex() or 'nothing'}; a "
-                              "TensorRT plan starts with 'ftrt', a TensorRT-RTX plan with 'vtrt')")
-    return flavour
-
-
-def onnx_vocab(model) -> Optional[int]:
-    """Rows of the embedding table that ``input_ids`` indexes (a Gather on an initializer)."""
-    inits = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == "input_ids" \
-                and node.input[0] in inits:
-            return int(inits[node.input[0]].dims[0])
-    return None
 
 
 def onnx_weights_mib(model) -> float:
@@ -411,13 +384,6 @@ def _resolve_models(models: Sequence[str], base: Sequence[str]) -> tuple[list[Be
             raise LilyDeployError(f"model label {label!r} names two models of the same kind; "
                                   "label them with LABEL=PATH")
     return specs, base_labels
-
-
-def as_tuple(value) -> tuple:
-    """A config's list field as a tuple (a frozen config holds no list); one path or name alone is a list of one."""
-    if isinstance(value, (str, os.PathLike)):
-        return (value,)
-    return tuple(value or ())
 
 
 @dataclass(frozen=True)

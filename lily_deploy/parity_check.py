@@ -50,7 +50,9 @@ import torch
 from .core.config import ConfigError, StageConfig, check_choice, check_number
 from .core.errors import LilyDeployError
 from .core.modes import DYNAMIC_MODES
-from .benchmark import as_tuple, check_engine_header, onnx_vocab
+from .core.config import as_tuple
+from .runtime.onnx_io import onnx_vocab
+from .runtime.tensorrt import check_engine_header
 from .runtime import ENGINE_SUFFIXES, Runner, cuda_available
 from .runtime.onnx_io import metadata_value
 

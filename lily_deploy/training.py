@@ -47,6 +47,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from .core.config import ConfigError, StageConfig, check_choice, check_number
 from .core.errors import LilyDeployError
+from .core.peft_bridge import check_peft_version, target_of
 
 METHODS = ("lily", "lora")
 ROUTINGS = ("batch", "sample")
@@ -58,7 +59,6 @@ RESUME_KEYS = ("model", "method", "rank", "lp_stride", "num_hp", "scale", "targe
                "grad_accum", "lr", "weight_decay", "warmup", "max_length", "seed", "train", "train_size",
                "text_column", "label_column", "lora_rank", "max_grad_norm")
 # PEFT releases whose Lily forward tests/test_training_peft.py pins (pyproject.toml carries the same bounds)
-PEFT_TESTED = ((0, 19), (0, 22))
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -303,24 +303,6 @@ def abbreviate(names: Sequence[str], limit: int = 12) -> str:
     return ", ".join(out[:limit]) + more
 
 
-def target_of(name: str, targets) -> Optional[str]:
-    """The entry of ``targets`` PEFT files layer ``name`` under, or None when no entry adapts it.
-
-    The one target rule (adapting, counting and the deploy conversion all use it), as PEFT has it:
-    a layer is adapted when its path IS an entry or ends in ``.entry``, and it shares LPs and an HP
-    pool with the layers of the entry its path ends with. A string (PEFT's regex form) is one
-    group. When a path ends with several entries (``dense`` and ``intermediate.dense``) PEFT
-    picks one by set order, which changes between processes: :func:`resolve_targets` refuses such
-    targets, and here the longest wins.
-    """
-    if isinstance(targets, str):
-        return targets
-    targets = list(targets or [])
-    if not any(name == t or name.endswith("." + t) for t in targets):
-        return None
-    return max((t for t in targets if name.endswith(t)), key=len)
-
-
 def _default_targets(model, model_name: str, linears) -> list[str]:
     from peft.utils import TRANSFORMERS_MODELS_TO_LILY_TARGET_MODULES_MAPPING as defaults
 
@@ -385,18 +367,6 @@ def lora_rank_for(model, adapted: Sequence[str], budget: int) -> tuple[int, int]
 
 
 # ---------------------------------------------------------------- PEFT's Lily: version guard and routing
-def check_peft_version() -> None:
-    """Refuse a PEFT whose Lily forward the tests have not pinned (tests/test_training_peft.py)."""
-    import peft
-    from packaging.version import Version
-
-    (lo, hi), found = PEFT_TESTED, Version(peft.__version__).release[:2]
-    if not lo <= found < hi:
-        spec = f"peft>={lo[0]}.{lo[1]},<{hi[0]}.{hi[1]}"
-        raise LilyDeployError(f"peft {peft.__version__} is not supported: lily-deploy trains PEFT's Lily as "
-                              f"tested with {spec} (pip install '{spec}')")
-
-
 class RoutingHooks:
     """The hooks :func:`route_lily_layers` set; ``remove()`` gives the layers PEFT's own routing back."""
 

@@ -10,7 +10,8 @@ import torch
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
-from lily_deploy.benchmark import BenchConfig, check_engine_header, parse_model, run_bench
+from lily_deploy.benchmark import BenchConfig, parse_model, run_bench
+from lily_deploy.runtime.tensorrt import check_engine_header
 from lily_deploy.cli import cli
 from lily_deploy.core.config import ConfigError
 from lily_deploy.core.errors import LilyDeployError

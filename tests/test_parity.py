@@ -315,7 +315,7 @@ def test_nothing_compared_is_not_passed(tiny_roberta_adapter, rtx_engine, labell
     """Issue #12: a run whose only candidate is skipped used to print PASSED and exit 0."""
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: the engine is not skipped")
-    from lily_deploy.benchmark import check_engine_header
+    from lily_deploy.runtime.tensorrt import check_engine_header
 
     assert check_engine_header(rtx_engine, "engine") == "TensorRT-RTX"
     result = _cli("--reference", tiny_roberta_adapter, "--candidate", rtx_engine, "--data", labelled)

@@ -12,7 +12,8 @@ import torch
 from conftest import SENTENCES
 from lily_deploy.core.errors import LilyDeployError
 from lily_deploy.core.lily import hp_mix_reference
-from lily_deploy.training import PEFT_TESTED, build_model, check_peft_version, route_lily_layers
+from lily_deploy.core.peft_bridge import PEFT_TESTED, check_peft_version
+from lily_deploy.training import build_model, route_lily_layers
 
 
 @pytest.fixture(scope="module")

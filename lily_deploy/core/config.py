@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any, Iterable, Optional, TypeVar
 
 from .errors import LilyDeployError
@@ -63,6 +64,14 @@ class StageConfig:
 
 
 # ------------------------------------------------------------------------- field checks
+
+def as_tuple(value) -> tuple:
+    """A config's list field as a tuple (a frozen config holds no list); one path or name alone is a list of one."""
+    if isinstance(value, (str, os.PathLike)):
+        return (value,)
+    return tuple(value or ())
+
+
 
 def check_number(field: str, value: Any, minimum: Optional[float] = None, maximum: Optional[float] = None,
                  strict_min: bool = False, integer: bool = False, allow_none: bool = False) -> None:

@@ -22,16 +22,38 @@ def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, name, module)
 
 
-def target_of(name: str, targets) -> str:
-    """The target entry (longest matching suffix) a layer path belongs to."""
+def target_of(name: str, targets) -> Optional[str]:
+    """The entry of ``targets`` PEFT files layer ``name`` under, or None when no entry adapts it.
+
+    The one target rule (adapting, counting and the deploy conversion all use it), as PEFT has it:
+    a layer is adapted when its path IS an entry or ends in ``.entry``, and it shares LPs and an HP
+    pool with the layers of the entry its path ends with. A string (PEFT's regex form) is one
+    group. When a path ends with several entries (``dense`` and ``intermediate.dense``) PEFT
+    picks one by set order, which changes between processes: :func:`lily_deploy.training.resolve_targets` refuses such
+    targets, and here the longest wins.
+    """
     if isinstance(targets, str):
         return targets
-    best = None
-    for t in targets or []:
-        if name == t or name.endswith("." + t) or name.endswith(t):
-            if best is None or len(t) > len(best):
-                best = t
-    return best or name.rsplit(".", 1)[-1]
+    targets = list(targets or [])
+    if not any(name == t or name.endswith("." + t) for t in targets):
+        return None
+    return max((t for t in targets if name.endswith(t)), key=len)
+
+
+# the PEFT releases whose Lily forward tests/test_training_peft.py pins (major, minor): [low, high)
+PEFT_TESTED = ((0, 19), (0, 22))
+
+
+def check_peft_version() -> None:
+    """Refuse a PEFT whose Lily forward the tests have not pinned (tests/test_training_peft.py)."""
+    import peft
+    from packaging.version import Version
+
+    (lo, hi), found = PEFT_TESTED, Version(peft.__version__).release[:2]
+    if not lo <= found < hi:
+        spec = f"peft>={lo[0]}.{lo[1]},<{hi[0]}.{hi[1]}"
+        raise LilyDeployError(f"peft {peft.__version__} is not supported: lily-deploy trains PEFT's Lily as "
+                              f"tested with {spec} (pip install '{spec}')")
 
 
 def peft_to_deploy(
@@ -45,6 +67,7 @@ def peft_to_deploy(
     from peft.tuners.lily.layer import Linear as PeftLilyLinear
     from peft.utils.other import ModulesToSaveWrapper
 
+    check_peft_version()
     adapter = peft_model.active_adapter
     config = peft_model.peft_config[adapter]
     model = peft_model.base_model.model
@@ -61,7 +84,7 @@ def peft_to_deploy(
             if adapter not in module.lily_A:
                 continue
             lp, peft_b, router = module.lily_A[adapter], module.lily_B[adapter], module.lily_router[adapter]
-            target = target_of(name, config.target_modules)
+            target = target_of(name, config.target_modules) or name.rsplit(".", 1)[-1]
             if id(peft_b) not in pools:
                 pool = HPPool(module.num_B[adapter], module.r[adapter], module.out_features)
                 pool.weight = peft_b.weight  # the very Parameter PEFT shares
@@ -86,6 +109,7 @@ def deploy_to_peft(deploy: Any) -> Any:
     """A PEFT-Lily model with a ``LilyDeployModel``'s weights (a copy; the deploy model is untouched)."""
     from peft import LilyConfig, get_peft_model
 
+    check_peft_version()
     if deploy.folded:
         raise LilyDeployError(
             f"layer {next(iter(deploy.folded))} is folded into its base weight; a folded model cannot go back to PEFT"

@@ -52,6 +52,16 @@ def metadata_value(meta: dict, key: str):
         return value
 
 
+def onnx_vocab(model) -> Optional[int]:
+    """Rows of the embedding table that ``input_ids`` indexes (a Gather on an initializer)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == "input_ids" \
+                and node.input[0] in inits:
+            return int(inits[node.input[0]].dims[0])
+    return None
+
+
 def set_metadata(model, meta: dict) -> None:
     """Replace the model's metadata_props (non-string values as sorted JSON) and stamp the producer."""
     from ..core import __version__

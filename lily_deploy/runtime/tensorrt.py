@@ -37,6 +37,8 @@ INSTALL = {
 PRETTY = {"tensorrt": "TensorRT", "tensorrt-rtx": "TensorRT-RTX"}
 
 REPORT_SUFFIX = ".json"
+# the first four bytes of a serialized plan, by flavour (checked without importing TensorRT)
+ENGINE_MAGICS = {b"ftrt": "TensorRT", b"vtrt": "TensorRT-RTX"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -134,6 +136,24 @@ def report_path(engine: str | os.PathLike) -> Path:
     return Path(str(engine) + REPORT_SUFFIX)
 
 
+def check_engine_header(path: str | os.PathLike, where: str) -> str:
+    """The TensorRT flavour whose plan magic ``path`` starts with; any other file is refused in one line.
+
+    Decided before any skip: without a GPU an engine is skipped, but random bytes named ``.plan``
+    are an error wherever they are.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise LilyDeployError(f"{where}: cannot read it ({exc.strerror})") from None
+    flavour = ENGINE_MAGICS.get(head)
+    if flavour is None:
+        raise LilyDeployError(f"{where}: not a TensorRT engine (it starts with {head.hex() or 'nothing'}; a "
+                              "TensorRT plan starts with 'ftrt', a TensorRT-RTX plan with 'vtrt')")
+    return flavour
+
+
 def read_report(engine: str | os.PathLike) -> Optional[dict]:
     """The build report beside ``engine`` (None if there is none); a malformed one is one line naming the field."""
     from ..core import schema
@@ -221,6 +241,7 @@ class TrtRunner:
         self.path = Path(engine_path)
         if not self.path.is_file():
             raise LilyDeployError(f"{self.path}: no such engine file")
+        check_engine_header(self.path, str(self.path))
         self.report = read_report(self.path)
         name = backend or (self.report["backend"]["name"] if self.report else "auto")
         self.backend: Backend = load_backend(name)
