@@ -24,12 +24,13 @@ from typing import Optional
 import torch
 
 # the routing math lives with the Lily layer in core; the op wraps it (names re-exported for callers of the op)
-from ..core.lily import hp_mix_reference, mix_pool, mixing_vectors  # noqa: F401
-from ..core.modes import DYNAMIC_MODES, MODES  # noqa: F401
+from ..core.lily import hp_mix_reference, hp_mix_stateful, mix_pool, mixing_vectors  # noqa: F401
+from ..core.modes import DYNAMIC_MODES, MODES, STATE_MODES  # noqa: F401
 
 
 DOMAIN = "lily"
 OP_TYPE = "HPMix"
+STATE_OP_TYPE = "HPMixState"  # the decoder modes (prompt, causal): a routing state in and out
 DOMAIN_VERSION = 1
 
 
@@ -51,6 +52,26 @@ def _hp_mix_fake(h, logits, hp, mask, mode, scale):
     return h.new_empty((*h.shape[:-1], hp.shape[-1]))
 
 
+@torch.library.custom_op("lily::hp_mix_state", mutates_args=())
+def hp_mix_state(
+    h: torch.Tensor,
+    logits: torch.Tensor,
+    hp: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    past: torch.Tensor,
+    mode: str,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Opaque form of :func:`~lily_deploy.core.lily.hp_mix_stateful` (exported as ``lily::HPMixState``)."""
+    y, present = hp_mix_stateful(h, logits, hp, mask, past, mode, scale)
+    return y.contiguous(), present.contiguous()
+
+
+@hp_mix_state.register_fake
+def _hp_mix_state_fake(h, logits, hp, mask, past, mode, scale):
+    return h.new_empty((*h.shape[:-1], hp.shape[-1])), past.new_empty(past.shape)
+
+
 # --------------------------------------------------------------------------------------
 # ONNX: schema, translation of the torch op into one lily::HPMix node, function bodies
 # --------------------------------------------------------------------------------------
@@ -60,7 +81,7 @@ def register_onnx_schema() -> None:
     import onnx
     from onnx.defs import OpSchema
 
-    if onnx.defs.has(OP_TYPE, DOMAIN):
+    if onnx.defs.has(OP_TYPE, DOMAIN) and onnx.defs.has(STATE_OP_TYPE, DOMAIN):
         return
     param = OpSchema.FormalParameter
     schema = OpSchema(
@@ -83,6 +104,28 @@ def register_onnx_schema() -> None:
         ],
     )
     onnx.defs.register_schema(schema)
+    onnx.defs.register_schema(OpSchema(
+        STATE_OP_TYPE, DOMAIN, DOMAIN_VERSION,
+        doc="Lily HP mixing for decoders under a KV cache: prompt (mean over the prompt, frozen) or causal "
+            "(running mean) routing, with the routing state [B, E+1] (masked probability sum, count) in and out.",
+        inputs=[
+            param("h", "T", "low-rank hidden h = x A^T, [B, T, r]"),
+            param("router_logits", "T", "router logits h R^T, [B, T, E]"),
+            param("hp", "T", "HP pool, [E*r, d_out]"),
+            param("mask", "M", "tokens that count, [B, T]"),
+            param("past_state", "T", "routing state after the earlier tokens, [B, E+1]"),
+        ],
+        outputs=[param("y", "T", "scaled adapter output, [B, T, d_out]"),
+                 param("present_state", "T", "routing state after these tokens, [B, E+1]")],
+        type_constraints=[
+            ("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "float types"),
+            ("M", ["tensor(int64)", "tensor(int32)", "tensor(bool)", "tensor(float)", "tensor(float16)"], "mask types"),
+        ],
+        attributes=[
+            OpSchema.Attribute("mode", OpSchema.AttrType.STRING, "routing mode: prompt or causal"),
+            OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "Lily scaling s"),
+        ],
+    ))
 
 
 def onnx_translation():
@@ -97,7 +140,10 @@ def onnx_translation():
             return lily.HPMix(h, logits, hp, mode=mode, scale=scale)
         return lily.HPMix(h, logits, hp, mask, mode=mode, scale=scale)
 
-    return {torch.ops.lily.hp_mix.default: translate}
+    def translate_state(h, logits, hp, mask, past, mode: str = "prompt", scale: float = 1.0):
+        return lily.HPMixState(h, logits, hp, mask, past, mode=mode, scale=scale)
+
+    return {torch.ops.lily.hp_mix.default: translate, torch.ops.lily.hp_mix_state.default: translate_state}
 
 
 def function_body(mode: str, masked: bool, opset: int, rank: int, num_hp: int):
@@ -171,9 +217,77 @@ def function_body(mode: str, masked: bool, opset: int, rank: int, num_hp: int):
     )
 
 
+def state_function_body(mode: str, opset: int, rank: int, num_hp: int):
+    """The FunctionProto ``lily::HPMixState`` for ``prompt`` or ``causal``, from standard ops only.
+
+    The state ``[B, E+1]`` is (masked sum of router probabilities, token count). ``prompt``: a
+    sample whose past count is zero is at its prompt, so its unmasked tokens join the mean; later
+    tokens reuse the frozen mean. ``causal``: CumSum over the sequence gives each token the mean
+    over the tokens up to it, continuing from the past sums.
+    """
+    import onnx
+    from onnx import helper
+
+    nodes = []
+
+    def node(op, inputs, outputs, **attrs):
+        nodes.append(helper.make_node(op, inputs, outputs, **attrs))
+        return outputs[0]
+
+    def ints(name, values):
+        return node("Constant", [], [name], value=helper.make_tensor(name, onnx.TensorProto.INT64, [len(values)], values))
+
+    scale_node = helper.make_node("Constant", [], ["scale_f"])
+    scale_node.attribute.append(helper.make_attribute_ref("value_float", onnx.AttributeProto.FLOAT))
+    scale_node.attribute[0].ref_attr_name = "scale"
+    nodes.append(scale_node)
+    probs = node("Softmax", ["router_logits"], ["probs"], axis=-1)  # [B, T, E]
+    scale_t = node("CastLike", ["scale_f", probs], ["scale_t"])
+    one = node("CastLike", [node("Constant", [], ["one_f"], value_float=1.0), probs], ["one_t"])
+    past = node("CastLike", ["past_state", probs], ["past"])
+    past_sum = node("Slice", [past, ints("s0", [0]), ints("sE", [num_hp]), ints("ax1", [1])], ["past_sum"])  # [B, E]
+    past_count = node("Slice", [past, ints("sE2", [num_hp]), ints("sE1", [num_hp + 1]), "ax1"], ["past_count"])
+    m = node("CastLike", ["mask", probs], ["m"])  # [B, T]
+    if mode == "prompt":
+        zero = node("CastLike", [node("Constant", [], ["zero_f"], value_float=0.0), probs], ["zero_t"])
+        fresh = node("CastLike", [node("LessOrEqual", [past_count, zero], ["fresh_b"]), probs], ["fresh"])  # [B, 1]
+        m = node("Mul", [m, fresh], ["m_prompt"])
+        m3 = node("Unsqueeze", [m, ints("minus1", [-1])], ["m3"])  # [B, T, 1]
+        total = node("Add", [past_sum, node("ReduceSum", [node("Mul", [probs, m3], ["pm"]), "ax1"], ["pm_sum"],
+                                            keepdims=0)], ["total"])  # [B, E]
+        count = node("Add", [past_count, node("ReduceSum", [m3, "ax1"], ["m_sum"], keepdims=0)], ["count"])  # [B, 1]
+        p = node("Div", [total, node("Max", [count, one], ["count_safe"])], ["p"])
+        pool = node("Reshape", ["hp", ints("pool_shape", [num_hp, -1])], ["pool"])  # [E, r*d]
+        b_flat = node("MatMul", [node("Mul", [p, scale_t], ["p_scaled"]), pool], ["b_flat"])  # [B, r*d]
+        b_mix = node("Reshape", [b_flat, ints("b_shape", [0, rank, -1])], ["b_mix"])  # [B, r, d]
+        node("MatMul", ["h", b_mix], ["y"])
+        node("Concat", [total, count], ["present_state"], axis=-1)
+    elif mode == "causal":
+        m3 = node("Unsqueeze", [m, ints("minus1", [-1])], ["m3"])
+        seq_axis = node("Constant", [], ["seq_axis"], value=helper.make_tensor("seq_axis", onnx.TensorProto.INT64, [], [1]))
+        run_sum = node("Add", [node("Unsqueeze", [past_sum, "ax1"], ["past_sum3"]),
+                               node("CumSum", [node("Mul", [probs, m3], ["pm"]), seq_axis], ["pm_cum"])], ["run_sum"])
+        run_count = node("Add", [node("Unsqueeze", [past_count, "ax1"], ["past_count3"]),
+                                 node("CumSum", [m3, seq_axis], ["m_cum"])], ["run_count"])  # [B, T, 1]
+        p = node("Div", [run_sum, node("Max", [run_count, one], ["count_safe"])], ["p"])  # [B, T, E]
+        p4 = node("Unsqueeze", [node("Mul", [p, scale_t], ["p_scaled"]), "minus1"], ["p_u"])  # [B, T, E, 1]
+        z = node("Mul", [p4, node("Unsqueeze", ["h", ints("minus2", [-2])], ["h_u"])], ["z"])  # [B, T, E, r]
+        zflat = node("Reshape", [z, ints("zshape", [0, 0, num_hp * rank])], ["zflat"])
+        node("MatMul", [zflat, "hp"], ["y"])
+        last = node("Constant", [], ["last"], value=helper.make_tensor("last", onnx.TensorProto.INT64, [], [-1]))
+        node("Concat", [node("Gather", [run_sum, last], ["sum_last"], axis=1),
+                        node("Gather", [run_count, last], ["count_last"], axis=1)], ["present_state"], axis=-1)
+    else:
+        raise ValueError(f"no lily::HPMixState body for routing mode {mode!r}")
+    return helper.make_function(
+        DOMAIN, STATE_OP_TYPE, ["h", "router_logits", "hp", "mask", "past_state"], ["y", "present_state"], nodes,
+        opset_imports=[helper.make_opsetid("", opset)], attributes=["mode", "scale"],
+    )
+
+
 def hpmix_nodes(model) -> list:
-    """Every ``lily::HPMix`` node of an ONNX model's main graph."""
-    return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE]
+    """Every ``lily::HPMix`` and ``lily::HPMixState`` node of an ONNX model's main graph."""
+    return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type in (OP_TYPE, STATE_OP_TYPE)]
 
 
 def attach_function_bodies(model, rank: int, num_hp: int) -> list[str]:
@@ -193,6 +307,9 @@ def attach_function_bodies(model, rank: int, num_hp: int) -> list[str]:
     for n in nodes:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
         mode = attrs["mode"].decode() if isinstance(attrs["mode"], bytes) else attrs["mode"]
+        if n.op_type == STATE_OP_TYPE:
+            variants.add((mode, "state"))
+            continue
         masked = len(n.input) > 3 and n.input[3] != ""
         if mode == "sample" and not masked and _input_rank(model, n.input[0]) == 2:
             mode = "token"  # one token per sample: sample routing is token routing
@@ -201,13 +318,16 @@ def attach_function_bodies(model, rank: int, num_hp: int) -> list[str]:
                     a.s = b"token"
         variants.add((mode, masked))
     if len(variants) > 1:
-        raise ValueError(f"lily::HPMix nodes use several variants {sorted(variants)}; one export uses one")
+        raise ValueError(f"lily::HPMix nodes use several variants {sorted(variants, key=str)}; one export uses one")
     (mode, masked), = variants
     del model.functions[:]
-    model.functions.append(function_body(mode, masked, opset, rank, num_hp))
+    if masked == "state":
+        model.functions.append(state_function_body(mode, opset, rank, num_hp))
+    else:
+        model.functions.append(function_body(mode, masked, opset, rank, num_hp))
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
-    return [f"{mode}{'+mask' if masked else ''}"]
+    return [f"{mode}+state" if masked == "state" else f"{mode}{'+mask' if masked else ''}"]
 
 
 def _input_rank(model, name: str):

@@ -48,6 +48,8 @@ class LilyDeployModel(nn.Module):
         self.tokenizer = tokenizer
         self.folded = dict(folded or {})
         self.image_size = image_size
+        for name, layer in lily_layers(model).items():
+            layer.state_key = name  # the key of its routing state (prompt/causal)
 
     @property
     def layers(self) -> dict[str, LilyLinear]:

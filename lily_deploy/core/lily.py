@@ -8,10 +8,15 @@ mixing in one of four routing modes (the torch math is below; the ONNX op is ``c
 * ``batch``  -- PEFT's semantics: one mixing vector for the whole batch (padding included);
 * ``sample`` -- one vector per sample over its non-padding tokens: batch- and padding-invariant;
 * ``token``  -- one vector per token;
-* ``static`` -- a frozen vector; folds exactly into the base weight.
+* ``static`` -- a frozen vector; folds exactly into the base weight;
+* ``prompt`` -- (decoders) the mean over a sample's prompt tokens, frozen for every response token;
+* ``causal`` -- (decoders) the running mean over a sample's tokens up to and including this one.
 
-The attention mask reaches the layers through a :class:`RoutingContext` shared by all
-layers of a model and set by :class:`LilyDeployModel` around each forward pass.
+``prompt`` and ``causal`` are exact under a KV cache: each layer carries a routing state
+``[B, E + 1]`` (the masked sum of router probabilities and the token count) from one decode step
+to the next, as the KV cache carries keys and values, so a cached decode gives the logits of a
+full forward over the whole sequence. The attention mask, the prompt mask and the routing state
+reach the layers through a :class:`RoutingContext` shared by all layers of a model.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .errors import LilyDeployError
-from .modes import DYNAMIC_MODES, MODES
+from .modes import DYNAMIC_MODES, MODES, STATE_MODES
 
 
 def mixing_vectors(logits: torch.Tensor, mask: Optional[torch.Tensor], mode: str) -> torch.Tensor:
@@ -78,16 +83,68 @@ def hp_mix_reference(
         mixed = mix_pool(p, hp, rank)  # [B, r, d]
         h3 = h.reshape(h.shape[0], -1, rank)
         return torch.bmm(h3, mixed).reshape(*h.shape[:-1], hp.shape[-1]) * scale
-    raise ValueError(f"unknown routing mode {mode!r}; expected one of {', '.join(DYNAMIC_MODES)}")
+    if mode in STATE_MODES:  # a whole sequence from its start (training, full forwards): no past
+        return hp_mix_stateful(h, logits, hp, mask, None, mode, scale)[0]
+    raise ValueError(f"unknown routing mode {mode!r}; expected one of {', '.join(DYNAMIC_MODES + STATE_MODES)}")
+
+
+def hp_mix_stateful(
+    h: torch.Tensor,
+    logits: torch.Tensor,
+    hp: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    past: Optional[torch.Tensor],
+    mode: str,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s * h @ B~(p), present state)`` for the decoder modes ``prompt`` and ``causal``.
+
+    ``h [B, T, r]``, ``logits [B, T, E]``; ``mask [B, T]`` marks the tokens that count (prompt:
+    the prompt tokens; causal: the non-padding tokens; None: all); ``past [B, E+1]`` is the state
+    after the tokens before these (None or zeros at prefill): the masked sum of router
+    probabilities and the count. In ``prompt`` mode a sample whose past count is non-zero has
+    seen its prompt, so its new tokens add nothing and the frozen mean is used.
+    """
+    probs = F.softmax(logits, dim=-1)
+    batch, _, num_hp = probs.shape
+    rank = h.shape[-1]
+    m = (torch.ones(probs.shape[:2], dtype=probs.dtype, device=probs.device) if mask is None
+         else mask.to(probs.dtype))
+    if past is None:
+        past = probs.new_zeros(batch, num_hp + 1)
+    past = past.to(probs.dtype)
+    past_sum, past_count = past[:, :num_hp], past[:, num_hp:]
+    if mode == "prompt":
+        m = m * (past_count <= 0).to(probs.dtype)  # [B, T]
+        total = past_sum + (probs * m.unsqueeze(-1)).sum(dim=1)  # [B, E]
+        count = past_count + m.sum(dim=1, keepdim=True)  # [B, 1]
+        p = total / count.clamp_min(1.0)
+        mixed = mix_pool(p * scale, hp, rank)  # [B, r, d]
+        return torch.bmm(h, mixed), torch.cat([total, count], dim=-1)
+    if mode == "causal":
+        run_sum = past_sum.unsqueeze(1) + torch.cumsum(probs * m.unsqueeze(-1), dim=1)  # [B, T, E]
+        run_count = past_count.unsqueeze(1) + torch.cumsum(m.unsqueeze(-1), dim=1)  # [B, T, 1]
+        p = run_sum / run_count.clamp_min(1.0)
+        z = ((p * scale).unsqueeze(-1) * h.unsqueeze(-2)).reshape(*h.shape[:-1], num_hp * rank)
+        return z @ hp, torch.cat([run_sum[:, -1], run_count[:, -1]], dim=-1)
+    raise ValueError(f"routing mode {mode!r} carries no state; expected one of {', '.join(STATE_MODES)}")
+
+
+def _registered_op(name: str):
+    try:
+        return getattr(torch.ops.lily, name)
+    except (AttributeError, RuntimeError):
+        raise RuntimeError(f"lily::{name} is not registered: import lily_deploy.converters.hpmix before exporting") from None
 
 
 def custom_op_mix(h, logits, hp, mask, mode: str, scale: float) -> torch.Tensor:
     """``torch.ops.lily.hp_mix``, looked up by name: the exporter registers it (``lily_deploy.converters.hpmix``)."""
-    try:
-        op = torch.ops.lily.hp_mix
-    except (AttributeError, RuntimeError):
-        raise RuntimeError("lily::hp_mix is not registered: import lily_deploy.converters.hpmix before exporting") from None
-    return op(h, logits, hp, mask, mode, scale)
+    return _registered_op("hp_mix")(h, logits, hp, mask, mode, scale)
+
+
+def custom_op_mix_stateful(h, logits, hp, mask, past, mode: str, scale: float):
+    """``torch.ops.lily.hp_mix_state``: the decoder modes' op (see :func:`custom_op_mix`)."""
+    return _registered_op("hp_mix_state")(h, logits, hp, mask, past, mode, scale)
 
 
 def check_mode(mode: str) -> str:
@@ -97,14 +154,21 @@ def check_mode(mode: str) -> str:
 
 
 class RoutingContext:
-    """Per-model state that routing needs but a Linear cannot see: the token mask.
+    """Per-model state that routing needs but a Linear cannot see.
 
-    ``use_custom_op`` makes every layer call the opaque ``lily::hp_mix`` op (set by the
-    ONNX exporter) instead of the differentiable reference.
+    ``mask``: the token mask of the tokens in this forward pass ``[B, T]``; ``prompt_mask``:
+    which of them are prompt tokens (``prompt`` mode in training and in full forwards; None:
+    every unmasked token of a pass with no past is prompt); ``past`` / ``present``: the routing
+    state per layer (by its module path) before and after this pass, for ``prompt``/``causal``.
+    ``use_custom_op`` makes every layer call the opaque ``lily::`` ops (set by the ONNX exporter)
+    instead of the differentiable reference.
     """
 
     def __init__(self) -> None:
         self.mask: Optional[torch.Tensor] = None
+        self.prompt_mask: Optional[torch.Tensor] = None
+        self.past: dict[str, torch.Tensor] = {}
+        self.present: dict[str, torch.Tensor] = {}
         self.use_custom_op = False
 
 
@@ -146,6 +210,7 @@ class LilyLinear(nn.Module):
         self.scale = float(scale)
         self.mode = check_mode(mode)
         self.context = context if context is not None else RoutingContext()
+        self.state_key = ""  # module path, the key of this layer's routing state (set by set_routing)
         self.register_buffer("static_p", torch.full((hp.num_hp,), 1.0 / hp.num_hp), persistent=True)
 
     @property
@@ -202,12 +267,33 @@ class LilyLinear(nn.Module):
         h = self.lp(x.to(self.lp.weight.dtype))
         if self.mode == "static":
             delta = (h @ mix_pool(self.static_p.to(h.dtype), self.hp.weight, self.rank)) * self.scale
+        elif self.mode in STATE_MODES:
+            delta = self._stateful(h)
         else:
             logits = self.router(h)
             mask = self.mask_for(h) if self.mode == "sample" else None
             mix = custom_op_mix if self.context.use_custom_op else hp_mix_reference
             delta = mix(h, logits, self.hp.weight, mask, self.mode, self.scale)
         return result + delta.to(result.dtype)
+
+    def _stateful(self, h: torch.Tensor) -> torch.Tensor:
+        """``prompt`` / ``causal``: mix with the past routing state, record the present one."""
+        if h.dim() != 3:
+            raise LilyDeployError(f"{self.mode} routing needs [batch, sequence, features] inputs, got {list(h.shape)}")
+        ctx = self.context
+        mask = self.mask_for(h)
+        if self.mode == "prompt" and ctx.prompt_mask is not None and ctx.prompt_mask.shape == h.shape[:2]:
+            mask = ctx.prompt_mask
+        past = ctx.past.get(self.state_key)
+        if ctx.use_custom_op:
+            if past is None:
+                past = h.new_zeros(h.shape[0], self.num_hp + 1)
+            delta, present = custom_op_mix_stateful(h, self.router(h), self.hp.weight, mask, past, self.mode,
+                                                    self.scale)
+        else:
+            delta, present = hp_mix_stateful(h, self.router(h), self.hp.weight, mask, past, self.mode, self.scale)
+        ctx.present[self.state_key] = present
+        return delta
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, num_hp={self.num_hp}, scale={self.scale}, mode={self.mode}"
@@ -221,6 +307,7 @@ def lily_layers(model: nn.Module) -> dict[str, LilyLinear]:
 def set_routing(model: nn.Module, mode: str, include_static: bool = False) -> None:
     """Set the routing mode of every dynamic (or, with ``include_static``, every) LilyLinear."""
     check_mode(mode)
-    for layer in lily_layers(model).values():
+    for name, layer in lily_layers(model).items():
+        layer.state_key = name
         if layer.mode != "static" or include_static:
             layer.mode = mode
