@@ -15,13 +15,52 @@ from typing import Iterable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from .converters.hpmix import hp_mix_reference, mix_pool
-
+from .core.config import ConfigError, StageConfig, check_choice, check_number
 from .core.errors import LilyDeployError
-from .core.lily import LilyLinear
+from .core.lily import LilyLinear, hp_mix_reference, mix_pool
+from .core.modes import DYNAMIC_MODES
 
 FOLD_CHOICES = ("auto", "all", "none")
 REPORT = "fold_report.json"
+
+
+@dataclass(frozen=True)
+class FoldConfig(StageConfig):
+    """What :func:`fold` folds and within which budget; the fields are its keyword parameters.
+
+    ``strategy`` "auto" folds the most layers whose metric drop on the calibration data stays
+    within ``max_metric_drop`` points and whose relative output error stays within
+    ``max_output_error`` (None: no such limit); "all" folds every layer; "none" only reports.
+    Calibration uses ``size`` rows of ``calib`` or, with ``random_inputs``, random inputs
+    (the metric is then top-1 agreement with the unfolded model). ``routing`` is the routing
+    of the layers left dynamic, and of the reference the budget is measured against.
+    """
+
+    source: str | Path
+    output: str | Path
+    calib: Optional[str | Path] = None
+    strategy: str = "auto"
+    max_metric_drop: float = 0.1
+    max_output_error: Optional[float] = None
+    routing: str = "sample"
+    size: int = 256
+    batch_size: int = 32
+    max_length: int = 128
+    text_column: Optional[str] = None
+    label_column: Optional[str] = None
+    random_inputs: bool = False
+    base: Optional[str] = None
+    progress: bool = True
+
+    def validate(self) -> None:
+        check_choice("strategy", self.strategy, FOLD_CHOICES)
+        check_number("max_metric_drop", self.max_metric_drop, minimum=0)
+        check_number("max_output_error", self.max_output_error, minimum=0, allow_none=True)
+        check_choice("routing", self.routing, DYNAMIC_MODES)
+        for name in ("size", "batch_size", "max_length"):
+            check_number(name, getattr(self, name), minimum=1, integer=True)
+        if self.calib is None and not self.random_inputs:
+            raise ConfigError("calib", "fold needs calibration data (or random inputs)")
 
 
 @dataclass
@@ -148,81 +187,38 @@ def _undo(model, undo: dict) -> None:
         model.folded.pop(name, None)
 
 
-def fold_model(model, batches: list[dict], labels: Optional[list[int]], strategy: str = "auto",
-               max_metric_drop: float = 0.1, max_output_error: Optional[float] = None,
-               routing: str = "sample", progress: bool = True) -> FoldReport:
-    """Fold layers of a loaded deploy model in place and say why, layer by layer."""
+def fold_model(model, batches: list[dict], labels: Optional[list[int]], config: FoldConfig) -> FoldReport:
+    """Fold layers of a loaded deploy model in place and say why, layer by layer.
+
+    Of ``config`` only the budget is read: ``strategy``, ``max_metric_drop``,
+    ``max_output_error``, ``routing`` and ``progress``.
+    """
     from .calib.router_stats import collect
 
-    if strategy not in FOLD_CHOICES:
-        raise LilyDeployError(f"--fold {strategy!r}: choose one of {', '.join(FOLD_CHOICES)}")
-    if max_metric_drop < 0:
-        raise LilyDeployError(f"--max-metric-drop {max_metric_drop}: must be >= 0")
-    model.set_routing(routing)
+    model.set_routing(config.routing)
     layers = model.layers
     if not layers:
         raise LilyDeployError("the model has no Lily layers left to fold")
     stats = collect(model, batches) if batches else {}
-    means, reasons = {}, {}
-    for name, layer in layers.items():
-        why = static_by_design(layer)
-        if why == "static mode":
-            means[name] = layer.static_p.clone()
-        elif why == "zero router (uniform mixing)" or name not in stats:
-            means[name] = torch.full((layer.num_hp,), 1.0 / layer.num_hp)
-        else:
-            means[name] = torch.tensor(stats[name]["mean"], dtype=torch.float32)
-            p_sum = means[name].sum()
-            means[name] = means[name] / p_sum
-        reasons[name] = why
+    means, reasons = _mixing_vectors(layers, stats)
     errors = output_errors(model, batches, means) if batches else {n: 0.0 for n in layers}
     reference, before = evaluate(model, batches, labels)
-    metric_name = "accuracy" if labels is not None else "top-1 agreement"
-    report = FoldReport(strategy, routing, metric_name, before, before, max_metric_drop, max_output_error,
+    cal = _Calibration(model, batches, labels, reference, before, means)
+    report = FoldReport(config.strategy, config.routing, "accuracy" if labels is not None else "top-1 agreement",
+                        before, before, config.max_metric_drop, config.max_output_error,
                         samples=sum(next(iter(b.values())).shape[0] for b in batches))
-    decisions: dict[str, tuple[bool, str]] = {}
     exact = [n for n in layers if reasons[n] is not None]
-    _apply(model, exact, means) if strategy != "none" else None
-    for n in exact:
-        decisions[n] = (strategy != "none", f"exact: {reasons[n]}")
+    if config.strategy != "none":
+        _apply(model, exact, means)
+    decisions = {n: (config.strategy != "none", f"exact: {reasons[n]}") for n in exact}
     candidates = sorted((n for n in layers if reasons[n] is None), key=lambda n: (errors[n], n))
-    if strategy == "all":
+    if config.strategy == "all":
         _apply(model, candidates, means)
-        decisions.update({n: (True, "--fold all") for n in candidates})
-    elif strategy == "none":
-        decisions.update({n: (False, "--fold none") for n in candidates})
+        decisions.update({n: (True, "strategy all") for n in candidates})
+    elif config.strategy == "none":
+        decisions.update({n: (False, "strategy none: report only") for n in candidates})
     else:
-        eligible = []
-        for name in candidates:
-            if max_output_error is not None and errors[name] > max_output_error:
-                decisions[name] = (False, f"output error {errors[name]:.2e} > {max_output_error:g}")
-            else:
-                eligible.append(name)
-        # one evaluation settles the common case where every eligible layer fits the budget
-        undo = _apply(model, eligible, means)
-        _, metric = evaluate(model, batches, labels, reference)
-        drop = (100.0 - metric) if labels is None else (before - metric)
-        if drop <= max_metric_drop + 1e-9:
-            decisions.update({n: (True, f"metric drop {max(drop, 0.0):.2f} within budget (all eligible)")
-                              for n in eligible})
-            eligible = []
-        else:
-            _undo(model, undo)
-        # otherwise add layers one at a time, least output error first, keeping those that fit
-        bar = tqdm(eligible, desc="fold (auto)", unit="layer", disable=not progress, leave=False)
-        for name in bar:
-            undo = _apply(model, [name], means)
-            _, metric = evaluate(model, batches, labels, reference)
-            if labels is None:
-                drop = 100.0 - metric
-            else:
-                drop = before - metric
-            if drop <= max_metric_drop + 1e-9:
-                decisions[name] = (True, f"metric drop {max(drop, 0.0):.2f} within budget")
-            else:
-                _undo(model, undo)
-                decisions[name] = (False, f"metric would drop {drop:.2f} > {max_metric_drop}")
-        bar.close()
+        decisions.update(_fold_within_budget(cal, candidates, errors, config))
     _, report.metric_after = evaluate(model, batches, labels, reference)
     if labels is None:
         report.metric_before = 100.0
@@ -234,60 +230,129 @@ def fold_model(model, batches: list[dict], labels: Optional[list[int]], strategy
     return report
 
 
-def calibration_batches(model, calib: Optional[str], size: int, batch_size: int, max_length: int,
-                        text_column: Optional[str], label_column: Optional[str], random_inputs: bool, seed: int = 0):
-    """Batches and label ids from a calibration file (or random inputs, when asked)."""
+def _mixing_vectors(layers: dict[str, LilyLinear], stats: dict) -> tuple[dict, dict]:
+    """Per layer: the mixing vector a fold would freeze, and why it is exact (None: it is an approximation)."""
+    means, reasons = {}, {}
+    for name, layer in layers.items():
+        why = static_by_design(layer)
+        if why == "static mode":
+            means[name] = layer.static_p.clone()
+        elif why == "zero router (uniform mixing)" or name not in stats:
+            means[name] = torch.full((layer.num_hp,), 1.0 / layer.num_hp)
+        else:
+            mean = torch.tensor(stats[name]["mean"], dtype=torch.float32)
+            means[name] = mean / mean.sum()
+        reasons[name] = why
+    return means, reasons
+
+
+@dataclass
+class _Calibration:
+    """The model being folded and what every fold is measured against (labels, or its own predictions)."""
+
+    model: object
+    batches: list[dict]
+    labels: Optional[list[int]]
+    reference: list[int]
+    before: float
+    means: dict[str, torch.Tensor]
+
+    def drop(self) -> float:
+        """How far the metric fell from before any fold: accuracy points, or 100 - top-1 agreement."""
+        _, metric = evaluate(self.model, self.batches, self.labels, self.reference)
+        return (100.0 - metric) if self.labels is None else (self.before - metric)
+
+
+def _fold_within_budget(cal: _Calibration, candidates: list[str], errors: dict[str, float],
+                        config: FoldConfig) -> dict[str, tuple[bool, str]]:
+    """``auto``: fold the most candidates (least output error first) that keep the metric within budget."""
+    decisions: dict[str, tuple[bool, str]] = {}
+    budget = config.max_metric_drop + 1e-9
+    eligible = []
+    for name in candidates:
+        if config.max_output_error is not None and errors[name] > config.max_output_error:
+            decisions[name] = (False, f"output error {errors[name]:.2e} > {config.max_output_error:g}")
+        else:
+            eligible.append(name)
+    # one evaluation settles the common case where every eligible layer fits the budget
+    undo = _apply(cal.model, eligible, cal.means)
+    drop = cal.drop()
+    if drop <= budget:
+        decisions.update({n: (True, f"metric drop {max(drop, 0.0):.2f} within budget (all eligible)")
+                          for n in eligible})
+        eligible = []
+    else:
+        _undo(cal.model, undo)
+    # otherwise add layers one at a time, least output error first, keeping those that fit
+    bar = tqdm(eligible, desc="fold (auto)", unit="layer", disable=not config.progress, leave=False)
+    for name in bar:
+        undo = _apply(cal.model, [name], cal.means)
+        drop = cal.drop()
+        if drop <= budget:
+            decisions[name] = (True, f"metric drop {max(drop, 0.0):.2f} within budget")
+        else:
+            _undo(cal.model, undo)
+            decisions[name] = (False, f"metric would drop {drop:.2f} > {config.max_metric_drop}")
+    bar.close()
+    return decisions
+
+
+def calibration_batches(model, config: FoldConfig, seed: int = 0):
+    """Batches and label ids from the calibration file (or random inputs, when asked)."""
     from .calib.readers import select
 
     from .core.data import encode_batch, model_label_map, read_data
 
-    if calib is None:
-        if not random_inputs:
-            raise LilyDeployError("fold needs calibration data: --calib FILE (or --random-inputs)")
-        from .onnx_export import example_inputs
-
-        g = torch.Generator().manual_seed(seed)
-        batches = []
-        for start in range(0, size, batch_size):
-            n = min(batch_size, size - start)
-            if model.task == "image-cls":
-                batches.append(example_inputs(model, batch_size=n, seed=seed + start))
-            else:
-                vocab = int(getattr(model.model.config, "vocab_size", 1000))
-                ids = torch.randint(5, vocab, (n, 32), generator=g)
-                batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
-        return batches, None
-    data = read_data(calib, text_column=text_column, label_column=label_column)
+    if config.calib is None:
+        return _random_batches(model, config.size, config.batch_size, seed), None
+    data = read_data(config.calib, text_column=config.text_column, label_column=config.label_column)
     items = data.files if hasattr(data, "files") else data.texts
-    idx = select(items, size, seed)
+    idx = select(items, config.size, seed)
     chosen = [items[i] for i in idx]
     labels = None
     if data.labels is not None and model.labels:
-        labels = model_label_map(model.labels).encode([data.labels[i] for i in idx], where=str(calib))
-    batches = [encode_batch(model, chosen[s:s + batch_size], max_length) for s in range(0, len(chosen), batch_size)]
+        labels = model_label_map(model.labels).encode([data.labels[i] for i in idx], where=str(config.calib))
+    batches = [encode_batch(model, chosen[s:s + config.batch_size], config.max_length)
+               for s in range(0, len(chosen), config.batch_size)]
     return batches, labels
 
 
-def fold(source: str | Path, output: str | Path, calib: Optional[str] = None, strategy: str = "auto",
-         max_metric_drop: float = 0.1, max_output_error: Optional[float] = None, routing: str = "sample",
-         size: int = 256, batch_size: int = 32, max_length: int = 128, text_column: Optional[str] = None,
-         label_column: Optional[str] = None, random_inputs: bool = False, base: Optional[str] = None,
-         progress: bool = True) -> FoldReport:
-    """Fold ``source`` (adapter folder or deploy checkpoint) and write a deploy checkpoint to ``output``."""
-    from .core.deploy import load_model, save_deploy
-    from .core.fileio import check_output_parent
+def _random_batches(model, size: int, batch_size: int, seed: int) -> list[dict]:
+    """Seeded random token ids (or pixels): calibration without data, measured as top-1 agreement."""
+    from .onnx_export import example_inputs
 
-    check_output_parent(output, "-o")
-    model = load_model(source, base=base)
-    batches, labels = calibration_batches(model, calib, size, batch_size, max_length, text_column,
-                                          label_column, random_inputs)
-    report = fold_model(model, batches, labels, strategy, max_metric_drop, max_output_error, routing, progress)
-    summary = {"strategy": strategy, "folded": report.folded, "metric": report.metric_name,
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for start in range(0, size, batch_size):
+        n = min(batch_size, size - start)
+        if model.task == "image-cls":
+            batches.append(example_inputs(model, batch_size=n, seed=seed + start))
+        else:
+            vocab = int(getattr(model.model.config, "vocab_size", 1000))
+            ids = torch.randint(5, vocab, (n, 32), generator=g)
+            batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return batches
+
+
+def fold(config: Optional[FoldConfig] = None, /, **fields) -> FoldReport:
+    """Fold ``source`` (adapter folder or deploy checkpoint) and write a deploy checkpoint to ``output``.
+
+    The fields are :class:`FoldConfig`'s; ``output`` also gets ``fold_report.json``.
+    """
+    from .core.deploy import load_model, save_deploy
+    from .core.fileio import check_not_input, check_output_parent, write_json
+
+    config = FoldConfig.resolve(config, **fields)
+    output = check_output_parent(config.output, "-o")
+    check_not_input(output, {"model": config.source, "base model": config.base, "calibration data": config.calib},
+                    "-o")
+    model = load_model(config.source, base=config.base)
+    batches, labels = calibration_batches(model, config)
+    report = fold_model(model, batches, labels, config)
+    summary = {"strategy": config.strategy, "folded": report.folded, "metric": report.metric_name,
                "metric_before": report.metric_before, "metric_after": report.metric_after,
-               "calibration": str(calib) if calib else "random inputs"}
+               "calibration": str(config.calib) if config.calib else "random inputs"}
     model.meta["fold"] = summary
     save_deploy(model, output, extra={"fold": summary})
-    from .core.fileio import write_json
-
-    write_json(Path(output) / REPORT, report.to_json())
+    write_json(output / REPORT, report.to_json())
     return report

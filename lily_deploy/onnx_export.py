@@ -1,7 +1,7 @@
 """``export``: a Lily model leaves as an ONNX file any runtime can run.
 
 Each dynamic layer's HP mixing becomes one ``lily::HPMix`` node carrying a model-local
-FunctionProto body (``--ops custom``), or that body inlined (``--ops standard``). The LP and
+FunctionProto body (``ops="custom"``), or that body inlined (``ops="standard"``). The LP and
 router stay plain MatMuls so quantizers see them; static layers are folded into their base
 weight first, so they export as plain MatMul/Gemm. Every export is validated against torch
 on onnxruntime before the file is put in place.
@@ -13,15 +13,18 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
-from .converters.hpmix import DYNAMIC_MODES, attach_function_bodies, hpmix_nodes, onnx_translation
+from .converters.hpmix import attach_function_bodies, hpmix_nodes, onnx_translation
+from .core.config import ConfigError, StageConfig, check_choice, check_number
 from .core.deploy import open_model
 from .core.errors import LilyDeployError
-from .core.fileio import check_output_parent, sha256_dir
+from .core.fileio import check_not_input, check_output_parent, sha256_dir
+from .core.models import TASKS
+from .core.modes import DYNAMIC_MODES
 from .runtime.onnx_io import set_metadata, staged_onnx
 
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -30,6 +33,8 @@ MIN_OPSET = 18  # ReduceMean/ReduceSum take axes as an input from opset 18 on
 DEFAULT_OPSET = 20
 OUTPUT_NAME = "logits"
 DEFAULT_ATOL = 1e-4
+OPS = ("custom", "standard")
+AXES = ("batch", "sequence")
 VALIDATION_TEXTS = [
     "a gripping, beautifully acted film that stays with you",
     "dull",
@@ -40,6 +45,54 @@ VALIDATION_TEXTS = [
     "one of the year 's most intriguing explorations of alienation",
     "it 's a mess",
 ]
+
+
+@dataclass(frozen=True)
+class ExportConfig(StageConfig):
+    """What :func:`export_onnx` exports and how it is checked; the fields are its keyword parameters.
+
+    ``source`` is an adapter folder, a deploy checkpoint or a base model name. ``routing`` is
+    the dynamic layers' routing; ``ops`` "custom" keeps ``lily::HPMix`` nodes with function
+    bodies, "standard" inlines them. ``dynamic`` lists the input axes left dynamic (a comma
+    string is split). ``validation`` compares onnxruntime against torch before the file is put in
+    place, within ``atol`` per output name ("*": every output); it runs on ``inputs_npz``, or
+    on texts of ``data``, or on built-in texts. ``task``, when given, must be the model's.
+    """
+
+    source: str | Path
+    output: str | Path
+    routing: str = "sample"
+    ops: str = "custom"
+    opset: int = DEFAULT_OPSET
+    dynamic: Sequence[str] = AXES
+    external_data: bool = False
+    task: Optional[str] = None
+    validation: bool = True
+    atol: Mapping[str, float] = field(default_factory=dict)
+    data: Optional[str | Path] = None
+    inputs_npz: Optional[str | Path] = None
+    keep_on_failure: bool = False
+    base: Optional[str] = None
+    text_column: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        dynamic = self.dynamic.split(",") if isinstance(self.dynamic, str) else (self.dynamic or ())
+        object.__setattr__(self, "dynamic", tuple(a.strip() for a in dynamic if a.strip()))
+        object.__setattr__(self, "atol", dict(self.atol or {}))
+        super().__post_init__()
+
+    def validate(self) -> None:
+        check_choice("routing", self.routing, DYNAMIC_MODES)
+        check_choice("ops", self.ops, OPS)
+        check_number("opset", self.opset, integer=True)
+        if self.opset < MIN_OPSET:
+            raise ConfigError("opset", f"{self.opset}: the lily::HPMix bodies need opset {MIN_OPSET} or newer")
+        bad_axes = [a for a in self.dynamic if a not in AXES]
+        if bad_axes:
+            raise ConfigError("dynamic", f"{bad_axes[0]!r}: axes are {' and '.join(AXES)}")
+        check_choice("task", self.task, TASKS, allow_none=True)
+        for tol in self.atol.values():
+            check_number("atol", tol, minimum=0)
 
 
 @dataclass
@@ -198,14 +251,14 @@ def read_inputs_npz(path: str | Path, names: Sequence[str]) -> dict[str, torch.T
 
     path = Path(path)
     if not path.is_file():
-        raise LilyDeployError(f"--inputs {path} does not exist")
+        raise LilyDeployError(f"validation inputs file {path} does not exist")
     try:
         arrays = dict(np.load(path))
     except Exception as exc:
-        raise LilyDeployError(f"--inputs {path}: not a readable .npz ({exc})") from None
+        raise LilyDeployError(f"{path}: not a readable .npz ({exc})") from None
     missing = [n for n in names if n not in arrays and n != "token_type_ids"]
     if missing:
-        raise LilyDeployError(f"--inputs {path}: no array for model input {missing[0]} (has {', '.join(arrays)})")
+        raise LilyDeployError(f"{path}: no array for model input {missing[0]} (has {', '.join(arrays)})")
     return {n: torch.from_numpy(arrays[n]) for n in names if n in arrays}
 
 
@@ -251,75 +304,96 @@ def compare(deploy, onnx_path: Path, batches: list[tuple[str, dict]], atol: dict
     return results
 
 
-def export_onnx(
-    source: str | Path,
-    output: str | Path,
-    routing: str = "sample",
-    ops: str = "custom",
-    opset: int = DEFAULT_OPSET,
-    dynamic: Sequence[str] = ("batch", "sequence"),
-    external_data: bool = False,
-    task: Optional[str] = None,
-    validate: bool = True,
-    atol: Optional[dict[str, float]] = None,
-    data: Optional[str | Path] = None,
-    inputs_npz: Optional[str | Path] = None,
-    keep_on_failure: bool = False,
-    base: Optional[str] = None,
-    text_column: Optional[str] = None,
-) -> ExportResult:
+def export_onnx(config: Optional[ExportConfig] = None, /, **fields) -> ExportResult:
     """Export ``source`` (adapter folder, deploy checkpoint or base model) to ``output``.
 
-    Raises :class:`LilyDeployError` when validation fails (the file is then written only with
-    ``keep_on_failure``); the result carries the comparison table either way.
+    The fields are :class:`ExportConfig`'s. Raises :class:`LilyDeployError` when validation
+    fails (the file is then written only with ``keep_on_failure``); the result carries the
+    comparison table either way.
     """
-    import onnx
+    config = ExportConfig.resolve(config, **fields)
+    output = _check_paths(config)
+    deploy, notes = _prepare_model(config)
+    validation_batches = _validation_batches(config, deploy)
+    trace_inputs = example_inputs(deploy, None, batch_size=2, seed=0)
+    model = _build_graph(config, deploy, trace_inputs)
 
-    output = check_output_parent(output, "-o")
-    if routing not in DYNAMIC_MODES:
-        raise LilyDeployError(f"--routing {routing!r}: choose one of {', '.join(DYNAMIC_MODES)}")
-    if ops not in ("custom", "standard"):
-        raise LilyDeployError(f"--ops {ops!r}: choose custom or standard")
-    if opset < MIN_OPSET:
-        raise LilyDeployError(f"--opset {opset}: the lily::HPMix bodies need opset {MIN_OPSET} or newer")
-    bad_axes = [a for a in dynamic if a not in ("batch", "sequence")]
-    if bad_axes:
-        raise LilyDeployError(f"--dynamic {bad_axes[0]!r}: axes are batch and sequence")
-    deploy = open_model(source, base=base)
-    if task is not None and task != deploy.task:
-        raise LilyDeployError(f"--task {task}: the model is a {deploy.task} model")
+    result = ExportResult(output, config.routing, config.ops, len(deploy.layers), len(deploy.folded), notes=notes)
+    with staged_onnx(output) as staged:
+        staged.write(model, config.external_data)
+        if config.validation:
+            result.comparisons = compare(deploy, staged.path, validation_batches, dict(config.atol))
+        if result.passed or config.keep_on_failure:
+            staged.commit()
+    return result
+
+
+def _check_paths(config: ExportConfig) -> Path:
+    """Refuse, before loading anything, an output that cannot be written or would overwrite an input."""
+    output = check_output_parent(config.output, "-o")
+    inputs = {"model": config.source, "base model": config.base, "validation inputs": config.inputs_npz,
+              "validation data": config.data}
+    check_not_input(output, inputs, "-o")
+    if config.external_data:  # the weights go beside the graph: that file must not be an input either
+        check_not_input(output.with_name(output.name + ".data"), inputs, "-o")
+    return output
+
+
+def _prepare_model(config: ExportConfig):
+    """The model as it will be exported: routing set, static layers folded; and what to tell the user."""
+    deploy = open_model(config.source, base=config.base)
+    if config.task is not None and config.task != deploy.task:
+        raise ConfigError("task", f"{config.task}: the model is a {deploy.task} model")
     deploy = copy.deepcopy(deploy) if deploy.layers else deploy
-    deploy.set_routing(routing)
+    deploy.set_routing(config.routing)
     notes = []
     fold_static_layers(deploy)
-    n_dynamic = len(deploy.layers)
-    if n_dynamic == 0 and not deploy.folded:
+    if not deploy.layers and not deploy.folded:
         notes.append("the model has no Lily layers: exported as a plain model")
-    elif n_dynamic == 0:
+    elif not deploy.layers:
         notes.append("every Lily layer is folded: exported as a plain model (no lily::HPMix nodes)")
     deploy.eval()
+    return deploy, notes
 
-    validation_batches: list[tuple[str, dict]] = []
-    if inputs_npz is not None:
-        given = read_inputs_npz(inputs_npz, deploy.input_names)
-        check_input_shapes(deploy, given, f"--inputs {inputs_npz}")
-        validation_batches.append((f"given[{next(iter(given.values())).shape[0]}]", given))
-    else:
-        texts = None
-        if data is not None:
-            from .core.data import read_data
 
-            table = read_data(data, text_column=text_column, limit=64)
-            texts = table.texts if hasattr(table, "texts") else None
-        for bs in (1, 4):
-            validation_batches.append((f"batch {bs}", example_inputs(deploy, texts, batch_size=bs, seed=bs)))
-    trace_inputs = example_inputs(deploy, None, batch_size=2, seed=0)
+def _validation_batches(config: ExportConfig, deploy) -> list[tuple[str, dict]]:
+    """The batches torch and onnxruntime are compared on: the given inputs, or texts at batch 1 and 4."""
+    if config.inputs_npz is not None:
+        given = read_inputs_npz(config.inputs_npz, deploy.input_names)
+        check_input_shapes(deploy, given, str(config.inputs_npz))
+        return [(f"given[{next(iter(given.values())).shape[0]}]", given)]
+    texts = None
+    if config.data is not None:
+        from .core.data import read_data
 
-    model = _trace(deploy, trace_inputs, dynamic, opset, ops)
-    meta = {
+        table = read_data(config.data, text_column=config.text_column, limit=64)
+        texts = table.texts if hasattr(table, "texts") else None
+    return [(f"batch {bs}", example_inputs(deploy, texts, batch_size=bs, seed=bs)) for bs in (1, 4)]
+
+
+def _build_graph(config: ExportConfig, deploy, trace_inputs: dict):
+    """The traced graph with its provenance metadata, checked by onnx.checker and for one HPMix per layer."""
+    import onnx
+
+    model = _trace(deploy, trace_inputs, config.dynamic, config.opset, config.ops)
+    set_metadata(model, _metadata(config, deploy, trace_inputs))
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise LilyDeployError(f"exported graph fails onnx.checker: {str(exc).splitlines()[0]}") from None
+    n_dynamic = len(deploy.layers)
+    if config.ops == "custom" and n_dynamic and len(hpmix_nodes(model)) != n_dynamic:
+        raise LilyDeployError(f"expected {n_dynamic} lily::HPMix nodes, the graph has {len(hpmix_nodes(model))}")
+    return model
+
+
+def _metadata(config: ExportConfig, deploy, trace_inputs: dict) -> dict:
+    """What later stages (quantize, build-trt, parity) read back from the graph: routing, task, labels, hashes."""
+    n_dynamic = len(deploy.layers)
+    return {
         "lily_deploy.version": __import__("lily_deploy").__version__,
-        "lily_deploy.routing": routing if n_dynamic else "none",
-        "lily_deploy.ops": ops,
+        "lily_deploy.routing": config.routing if n_dynamic else "none",
+        "lily_deploy.ops": config.ops,
         "lily_deploy.task": deploy.task,
         "lily_deploy.inputs": list(trace_inputs),
         "lily_deploy.outputs": [OUTPUT_NAME],
@@ -328,21 +402,5 @@ def export_onnx(
         "lily_deploy.fold": {"dynamic_layers": n_dynamic, "folded_layers": len(deploy.folded),
                              "folded": sorted(deploy.folded)},
         "lily_deploy.lily": deploy.meta.get("lily"),
-        **{f"lily_deploy.{k}": v for k, v in source_hashes(source, deploy).items()},
+        **{f"lily_deploy.{k}": v for k, v in source_hashes(config.source, deploy).items()},
     }
-    set_metadata(model, meta)
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise LilyDeployError(f"exported graph fails onnx.checker: {str(exc).splitlines()[0]}") from None
-    if ops == "custom" and n_dynamic and len(hpmix_nodes(model)) != n_dynamic:
-        raise LilyDeployError(f"expected {n_dynamic} lily::HPMix nodes, the graph has {len(hpmix_nodes(model))}")
-
-    result = ExportResult(output, routing, ops, n_dynamic, len(deploy.folded), notes=notes)
-    with staged_onnx(output) as staged:
-        staged.write(model, external_data)
-        if validate:
-            result.comparisons = compare(deploy, staged.path, validation_batches, atol or {})
-        if result.passed or keep_on_failure:
-            staged.commit()
-    return result

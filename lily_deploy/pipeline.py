@@ -5,23 +5,117 @@ for a few CPU minutes with batch-invariant ``sample`` routing, then folded (auto
 quantized to INT8, built into a TensorRT-for-RTX engine where that backend is installed, checked
 for parity and benchmarked. Every artifact stays in OUT_DIR with ``summary.json``.
 
-Each stage writes its outputs atomically and marks itself done in ``quickstart_state.json``;
+The pipeline is a declared list of :class:`Stage` objects run by :func:`run_stages`, which does
+the bookkeeping once for all of them (``benchmarks/ci_parity.py`` runs its own list through it):
+each stage writes its outputs atomically and is marked done in ``quickstart_state.json``;
 running again after an interruption skips finished stages and resumes fine-tuning from its
 last checkpoint, so no artifact is ever half-written.
 """
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
+from .core.config import ConfigError, StageConfig, check_number
 from .core.errors import LilyDeployError
-from .core.fileio import write_json
+from .core.fileio import check_not_input, write_json
 
 STATE = "quickstart_state.json"
 SUMMARY = "summary.json"
+INSTALL_TRT = "install TensorRT for RTX to build engines on any machine: pip install 'lily-deploy[tensorrt-rtx]'"
+
+
+# ------------------------------------------------------------------------- the stage runner
+
+class StageSkipped(Exception):
+    """Raised by a stage's run step that finds it cannot run here (a back end is not installed)."""
+
+
+def _run_always(ctx) -> Optional[str]:
+    return None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline step: its name, the artifacts that prove it finished, and the step itself.
+
+    ``run(ctx)`` does the work and returns the details to record (or None); ``skip(ctx)`` says
+    why the stage should not run now (None: run it); ``after(ctx)`` logs what a reader wants to
+    see whether the stage ran now or in an earlier run. ``artifacts`` are paths relative to the
+    state's folder; a stage without any is not resumable and runs every time. ``hint`` is told
+    the user when the stage is skipped.
+    """
+
+    name: str
+    run: Callable[[Any], Optional[dict]]
+    artifacts: tuple[str, ...] = ()
+    skip: Callable[[Any], Optional[str]] = _run_always
+    after: Optional[Callable[[Any], None]] = None
+    hint: str = ""
+
+
+class StageLog:
+    """What :func:`run_stages` tells the user about each stage; this one tells nothing."""
+
+    def start(self, stage: Stage, kept: bool) -> None:
+        """Before a stage: ``kept`` when an earlier run finished it."""
+
+    def skipped(self, stage: Stage, reason: str) -> None:
+        """A stage that did not run, and why."""
+
+    def finished(self, stage: Stage, seconds: float) -> None:
+        """A stage that ran now, and how long it took."""
+
+
+@dataclass
+class StagesRun:
+    """What one pass over the stages did: seconds per stage run now, reasons per stage skipped."""
+
+    timings: dict[str, float] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def run_stages(stages: Sequence[Stage], ctx: Any, log: Optional[StageLog] = None,
+               state: Optional[Pipeline] = None) -> StagesRun:
+    """Run ``stages`` in order on ``ctx``, doing the bookkeeping once for all of them.
+
+    A stage whose ``skip`` gives a reason does not run. With ``state``, a resumable stage that an
+    earlier run finished (marked done, artifacts present) is kept, and one that runs now is
+    marked done with the details it returns. Every stage that runs is timed.
+    """
+    log = log or StageLog()
+    result = StagesRun()
+    for stage in stages:
+        reason = stage.skip(ctx)
+        kept = reason is None and state is not None and state.done(stage)
+        log.start(stage, kept)
+        if reason is None and not kept:
+            reason = _run_stage(stage, ctx, state, result)
+            if reason is None:
+                log.finished(stage, result.timings[stage.name])
+        if reason is not None:
+            result.skipped[stage.name] = reason
+            log.skipped(stage, reason)
+        elif stage.after is not None:
+            stage.after(ctx)
+    return result
+
+
+def _run_stage(stage: Stage, ctx: Any, state: Optional[Pipeline], result: StagesRun) -> Optional[str]:
+    """Run one stage, timed, and mark it done; the reason it gave up, if it did (else None)."""
+    started = time.perf_counter()
+    try:
+        details = stage.run(ctx)
+    except StageSkipped as exc:
+        return str(exc)
+    result.timings[stage.name] = time.perf_counter() - started
+    if state is not None and stage.artifacts:
+        state.mark(stage.name, result.timings[stage.name], **(details or {}))
+    return None
 
 
 @dataclass
@@ -39,8 +133,10 @@ class Pipeline:
             except json.JSONDecodeError:
                 self.state = {}
 
-    def done(self, stage: str, *artifacts: Path) -> bool:
-        return bool(self.state.get(stage, {}).get("done")) and all(Path(a).exists() for a in artifacts)
+    def done(self, stage: Stage) -> bool:
+        """Whether an earlier run finished ``stage`` and its artifacts are still there."""
+        return (bool(stage.artifacts) and bool(self.state.get(stage.name, {}).get("done"))
+                and all((self.out / a).exists() for a in stage.artifacts))
 
     def mark(self, stage: str, seconds: float, **details) -> None:
         self.state[stage] = {"done": True, "seconds": round(seconds, 2), **details}
@@ -60,6 +156,112 @@ class Pipeline:
         raise AttributeError(name)
 
 
+# ------------------------------------------------------------------------- quickstart
+
+@dataclass(frozen=True)
+class QuickstartConfig(StageConfig):
+    """What :func:`quickstart` runs; the fields are its keyword parameters.
+
+    ``train``/``val`` (both or neither) replace the embedded review set. ``steps``,
+    ``batch_size``, ``rank``, ``num_hp``, ``lp_stride``, ``scale`` and ``lr`` set the fine-tuning;
+    ``calib_size`` the rows fold and quantize calibrate on. ``engine``/``bench`` turn the
+    TensorRT build and the benchmark on or off; ``fresh`` starts over instead of resuming.
+    ``log`` receives every line the pipeline reports.
+    """
+
+    output: str | Path = "out/quickstart"
+    train: Optional[str | Path] = None
+    val: Optional[str | Path] = None
+    steps: int = 250
+    batch_size: int = 32
+    rank: int = 16
+    num_hp: int = 4
+    lp_stride: int = 2
+    scale: float = 1.0
+    lr: float = 3e-3
+    calib_size: int = 256
+    engine: bool = True
+    bench: bool = True
+    fresh: bool = False
+    progress: bool = True
+    log: Callable[[str], None] = print
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "rank", "num_hp", "lp_stride", "calib_size"):
+            check_number(name, getattr(self, name), minimum=1, integer=True)
+        check_number("scale", self.scale)
+        check_number("lr", self.lr, minimum=0, strict_min=True)
+        if (self.train is None) != (self.val is None):
+            raise ConfigError("val" if self.val is None else "train",
+                              "give both train and val, or neither (the embedded data set is used)")
+
+
+@dataclass
+class _Quickstart:
+    """What the quickstart stages share: the config, the artifact paths, the data, the results."""
+
+    config: QuickstartConfig
+    p: Pipeline
+    train: Path
+    val: Path
+    parity: Any = None
+    bench: Optional[dict] = None
+
+    def log(self, message: str) -> None:
+        self.config.log(message)
+
+
+class _QuickstartLog(StageLog):
+    """A header per stage (saying when an earlier run's result is kept), and why a stage is skipped."""
+
+    def __init__(self, log: Callable[[str], None]):
+        self.log = log
+
+    def start(self, stage: Stage, kept: bool) -> None:
+        self.log(f"\n== {stage.name}{' (done in an earlier run: kept)' if kept else ''}")
+
+    def skipped(self, stage: Stage, reason: str) -> None:
+        self.log(reason + (f" -- {stage.hint}" if stage.hint else ""))
+
+
+def quickstart(config: Optional[QuickstartConfig] = None, /, **fields) -> dict:
+    """Run finetune -> fold -> export -> quantize -> build-trt -> parity -> bench; return the summary.
+
+    The fields are :class:`QuickstartConfig`'s. Raises :class:`LilyDeployError` when parity fails
+    (after writing the summary).
+    """
+    config = QuickstartConfig.resolve(config, **fields)
+    p = Pipeline(_prepare_output(config))
+    if config.train is None:
+        train, val = p.data_dir / "train.tsv", p.data_dir / "val.tsv"
+    else:
+        train, val = Path(config.train), Path(config.val)
+    q = _Quickstart(config, p, train, val)
+    run = run_stages(QUICKSTART_STAGES, q, _QuickstartLog(config.log), state=p)
+    summary = _summary(q, run)
+    write_json(p.out / SUMMARY, summary)
+    if not q.parity:
+        raise LilyDeployError(f"parity FAILED: {q.parity.final_line()} (see {p.parity_dir})")
+    return summary
+
+
+def _prepare_output(config: QuickstartConfig) -> Path:
+    """The output folder, made (emptied first with ``fresh``) once it is sure to hold no input."""
+    out = Path(config.output)
+    inputs = {"training data": config.train, "validation data": config.val}
+    check_not_input(out, inputs, "-o")
+    for what, path in inputs.items():  # --fresh empties the folder: an input inside it would be lost
+        if path is not None and Path(path).exists() and out.resolve() in Path(path).resolve().parents:
+            raise LilyDeployError(f"-o {out}: holds the input {what} {path}; write the artifacts to another "
+                                  "folder (inputs are never overwritten)")
+    if out.exists() and not out.is_dir():
+        raise LilyDeployError(f"-o {out}: exists and is not a folder")
+    if config.fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def _size(path: Path) -> Optional[int]:
     if not path.exists():
         return None
@@ -68,173 +270,164 @@ def _size(path: Path) -> Optional[int]:
     return path.stat().st_size
 
 
-def quickstart(
-    output: str | Path = "out/quickstart",
-    train: Optional[str | Path] = None,
-    val: Optional[str | Path] = None,
-    steps: int = 250,
-    batch_size: int = 32,
-    rank: int = 16,
-    num_hp: int = 4,
-    lp_stride: int = 2,
-    scale: float = 1.0,
-    lr: float = 3e-3,
-    calib_size: int = 256,
-    engine: bool = True,
-    bench: bool = True,
-    fresh: bool = False,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> dict:
-    """Run finetune -> fold -> export -> quantize -> build-trt -> parity -> bench; return the summary."""
-    import shutil
+def _summary(q: _Quickstart, run: StagesRun) -> dict:
+    """``summary.json``: every stage's record, the parity and bench reports, artifact sizes."""
+    p = q.p
+    files = (("adapter", p.adapter), ("folded", p.folded), ("model.onnx", p.onnx), ("model.int8.onnx", p.int8),
+             ("model.plan", p.engine), ("base.onnx", p.base_onnx))
+    return {
+        "output": str(p.out),
+        "stages": p.state,
+        "timings": {name: round(s, 2) for name, s in run.timings.items()},
+        "parity": q.parity.to_json(),
+        "bench": q.bench,
+        "files": {name: _size(path) for name, path in files},
+        "engine": run.skipped.get("build-trt") or ("built" if p.engine.exists() else "not built"),
+    }
 
-    out = Path(output)
-    if out.exists() and not out.is_dir():
-        raise LilyDeployError(f"-o {out}: exists and is not a folder")
-    if fresh and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    p = Pipeline(out)
-    if (train is None) != (val is None):
-        raise LilyDeployError("give both --train and --val, or neither (the embedded data set is used)")
 
-    def stage(name: str) -> None:
-        done = " (done in an earlier run: kept)" if p.state.get(name, {}).get("done") else ""
-        log(f"\n== {name}{done}")
+# ---- the stages, in order
 
-    # 1. data
-    stage("data")
-    if train is None:
-        from .datasets import write_reviews
+def _your_data(q: _Quickstart) -> Optional[str]:
+    return None if q.config.train is None else f"your data: {q.train} and {q.val}"
 
-        if not p.done("data", p.data_dir / "train.tsv", p.data_dir / "val.tsv"):
-            write_reviews(p.data_dir)
-            p.mark("data", 0.0, source="generated movie-review templates (lily_deploy.datasets)")
-        train, val = p.data_dir / "train.tsv", p.data_dir / "val.tsv"
-        log(f"embedded data set: {train} and {val}")
-    else:
-        log(f"your data: {train} and {val}")
 
-    # 2. finetune (Lily, sample routing so training and deployment agree)
-    stage("finetune")
-    if not p.done("finetune", p.adapter / "adapter_config.json"):
-        from .training import finetune
+def _write_data(q: _Quickstart) -> dict:
+    from .datasets import write_reviews
 
-        t = time.time()
-        resume = (p.adapter / "checkpoints" / "last").exists()
-        if resume:
-            log("resuming fine-tuning from its last checkpoint")
-        result = finetune("minilm", train, val, p.adapter, method="lily", rank=rank, num_hp=num_hp,
-                          lp_stride=lp_stride, scale=scale, max_steps=steps, batch_size=batch_size, lr=lr,
-                          routing="sample", max_length=64, eval_every=max(steps // 2, 1), resume=resume,
-                          overwrite=not resume, progress=progress, log=log)
-        p.mark("finetune", time.time() - t, val_accuracy=result.best_val_accuracy, steps=result.steps,
-               trainable_params=result.trainable_params, samples_per_s=result.samples_per_s)
-    ft = p.details("finetune")
-    log(f"adapter {p.adapter}: validation accuracy {ft.get('val_accuracy')}")
+    write_reviews(q.p.data_dir)
+    return {"source": "generated movie-review templates (lily_deploy.datasets)"}
 
-    # 3. fold (auto, within 0.1 point on the validation data)
-    stage("fold")
-    if not p.done("fold", p.folded / "deploy_config.json"):
-        from .folding import fold
 
-        t = time.time()
-        report = fold(p.adapter, p.folded, calib=val, strategy="auto", max_metric_drop=0.1, size=calib_size,
-                      progress=progress)
-        log(report.table())
-        p.mark("fold", time.time() - t, folded=len(report.folded), layers=len(report.layers),
-               metric_before=report.metric_before, metric_after=report.metric_after)
-    fd = p.details("fold")
-    log(f"folded {fd['folded']}/{fd['layers']} layers; calibration accuracy {fd['metric_before']:.2f} -> "
-        f"{fd['metric_after']:.2f}")
+def _finetune(q: _Quickstart) -> dict:
+    """Lily with sample routing, so training and deployment agree; resumes from its last checkpoint."""
+    from .training import finetune
 
-    # 4. export (the folded checkpoint; dynamic layers as lily::HPMix) and the base model for ratios
-    stage("export")
-    if not p.done("export", p.onnx, p.base_onnx):
-        from .onnx_export import export_onnx
+    c = q.config
+    resume = (q.p.adapter / "checkpoints" / "last").exists()
+    if resume:
+        q.log("resuming fine-tuning from its last checkpoint")
+    result = finetune(model="minilm", train=q.train, val=q.val, output=q.p.adapter, method="lily", rank=c.rank,
+                      num_hp=c.num_hp, lp_stride=c.lp_stride, scale=c.scale, max_steps=c.steps,
+                      batch_size=c.batch_size, lr=c.lr, routing="sample", max_length=64,
+                      eval_every=max(c.steps // 2, 1), resume=resume, overwrite=not resume, progress=c.progress,
+                      log=q.log)
+    return {"val_accuracy": result.best_val_accuracy, "steps": result.steps,
+            "trainable_params": result.trainable_params, "samples_per_s": result.samples_per_s}
 
-        t = time.time()
-        result = export_onnx(p.folded, p.onnx, routing="sample", data=val)
-        log(result.table())
-        if not result.passed:
-            raise LilyDeployError("export validation failed; see the table above")
-        export_onnx("minilm", p.base_onnx, validate=False)
-        p.mark("export", time.time() - t, dynamic_layers=result.dynamic_layers, folded_layers=result.folded_layers,
-               max_abs=max(c.max_abs for c in result.comparisons))
 
-    # 5. quantize (int8 Q/DQ, calibrated on training rows, validated on the validation set)
-    stage("quantize")
-    if not p.done("quantize", p.int8):
-        from .precision import quantize
+def _fold(q: _Quickstart) -> dict:
+    """Auto, within 0.1 point on the validation data."""
+    from .folding import fold
 
-        t = time.time()
-        q = quantize(p.onnx, p.int8, precision="int8", calib=train, calib_size=calib_size, val=val,
-                     model=str(p.folded), max_accuracy_drop=1.0, progress=progress)
-        log(q.table())
-        v = q.validation
-        p.mark("quantize", time.time() - t, **({} if v is None else {"validation": asdict(v)}))
+    report = fold(source=q.p.adapter, output=q.p.folded, calib=q.val, strategy="auto", max_metric_drop=0.1,
+                  size=q.config.calib_size, progress=q.config.progress)
+    q.log(report.table())
+    return {"folded": len(report.folded), "layers": len(report.layers), "metric_before": report.metric_before,
+            "metric_after": report.metric_after}
 
-    # 6. build-trt (TensorRT for RTX builds without a GPU)
-    stage("build-trt")
-    engine_note = None
-    if engine and not p.done("build-trt", p.engine):
-        from .runtime.tensorrt import load_backend
-        from .trt_build import build_engine
 
-        try:
-            load_backend("auto")
-        except LilyDeployError as exc:
-            engine_note = f"skipped: {exc}"
-        else:
-            t = time.time()
-            report = build_engine(p.int8, p.engine, progress=progress)
-            log(report.table())
-            p.mark("build-trt", time.time() - t, backend=report["backend"])
-    elif not engine:
-        engine_note = "skipped (--no-engine)"
-    if engine_note:
-        log(engine_note + " -- install TensorRT for RTX to build engines on any machine: "
-            "pip install 'lily-deploy[tensorrt-rtx]'")
+def _export(q: _Quickstart) -> dict:
+    """The folded checkpoint (dynamic layers as lily::HPMix), and the base model for latency ratios."""
+    from .onnx_export import export_onnx
 
-    # 7. parity: the exported artifacts against the torch model they were exported from (the folded
-    #    checkpoint; what folding itself changed was measured by the fold stage)
-    stage("parity")
+    result = export_onnx(source=q.p.folded, output=q.p.onnx, routing="sample", data=q.val)
+    q.log(result.table())
+    if not result.passed:
+        raise LilyDeployError("export validation failed; see the table above")
+    export_onnx(source="minilm", output=q.p.base_onnx, validation=False)
+    return {"dynamic_layers": result.dynamic_layers, "folded_layers": result.folded_layers,
+            "max_abs": max(c.max_abs for c in result.comparisons)}
+
+
+def _quantize(q: _Quickstart) -> dict:
+    """INT8 Q/DQ, calibrated on training rows, validated on the validation set."""
+    from .precision import quantize
+
+    result = quantize(model_path=q.p.onnx, output=q.p.int8, precision="int8", calib=q.train,
+                      calib_size=q.config.calib_size, val=q.val, model=str(q.p.folded), max_accuracy_drop=1.0,
+                      progress=q.config.progress)
+    q.log(result.table())
+    return {} if result.validation is None else {"validation": asdict(result.validation)}
+
+
+def _engine_wanted(q: _Quickstart) -> Optional[str]:
+    return None if q.config.engine else "skipped (no engine asked for)"
+
+
+def _build_engine(q: _Quickstart) -> dict:
+    """TensorRT for RTX builds without a GPU; without the back end the stage is skipped, saying so."""
+    from .runtime.tensorrt import load_backend
+    from .trt_build import build_engine
+
+    try:
+        load_backend("auto")
+    except LilyDeployError as exc:
+        raise StageSkipped(f"skipped: {exc}") from None
+    report = build_engine(onnx_path=q.p.int8, output=q.p.engine, progress=q.config.progress)
+    q.log(report.table())
+    return {"backend": report["backend"]}
+
+
+def _parity(q: _Quickstart) -> None:
+    """The exported artifacts against the torch model they came from (the folded checkpoint).
+
+    What folding itself changed was measured by the fold stage.
+    """
     from .parity_check import run_parity
     from .report import write_reports
 
+    p = q.p
     candidates = [p.onnx, p.int8] + ([p.engine] if p.engine.exists() else [])
-    parity = run_parity(p.folded, candidates, data=val, routing="sample", batch_sizes=[8], progress=progress)
-    log(parity.table())
-    log(parity.final_line())
-    write_reports(parity.to_json(), parity.markdown(), p.parity_dir)
+    q.parity = run_parity(reference=p.folded, candidates=candidates, data=q.val, routing="sample", batch_sizes=[8],
+                          progress=q.config.progress)
+    q.log(q.parity.table())
+    q.log(q.parity.final_line())
+    write_reports(q.parity.to_json(), q.parity.markdown(), p.parity_dir)
 
-    # 8. bench (onnxruntime: base vs Lily vs int8, interleaved)
-    bench_json = None
-    if bench:
-        stage("bench")
-        from .benchmark import run_bench
 
-        result = run_bench([str(p.base_onnx), str(p.onnx), str(p.int8)], batch_sizes=[1, 8], seq_lens=[128],
-                           base=[str(p.base_onnx)], backends=["onnxruntime"], warmup=3, iters=15, progress=progress)
-        log(result.table())
-        bench_json = result.to_json()
-        write_reports(bench_json, result.markdown(), p.bench_dir)
+def _bench_wanted(q: _Quickstart) -> Optional[str]:
+    return None if q.config.bench else "skipped (no benchmark asked for)"
 
-    summary = {
-        "output": str(out),
-        "stages": p.state,
-        "parity": parity.to_json(),
-        "bench": bench_json,
-        "files": {name: _size(path) for name, path in (("adapter", p.adapter), ("folded", p.folded),
-                                                          ("model.onnx", p.onnx), ("model.int8.onnx", p.int8),
-                                                          ("model.plan", p.engine), ("base.onnx", p.base_onnx))},
-        "engine": engine_note or ("built" if p.engine.exists() else "not built"),
-    }
-    write_json(p.out / SUMMARY, summary)
-    if not parity:
-        raise LilyDeployError(f"parity FAILED: {parity.final_line()} (see {p.parity_dir})")
-    return summary
+
+def _bench(q: _Quickstart) -> None:
+    """onnxruntime: base vs Lily vs int8, interleaved."""
+    from .benchmark import run_bench
+    from .report import write_reports
+
+    p = q.p
+    result = run_bench(models=[str(p.base_onnx), str(p.onnx), str(p.int8)], batch_sizes=[1, 8], seq_lens=[128],
+                       base=[str(p.base_onnx)], backends=["onnxruntime"], warmup=3, iters=15,
+                       progress=q.config.progress)
+    q.log(result.table())
+    q.bench = result.to_json()
+    write_reports(q.bench, result.markdown(), p.bench_dir)
+
+
+def _log_data(q: _Quickstart) -> None:
+    q.log(f"embedded data set: {q.train} and {q.val}")
+
+
+def _log_finetune(q: _Quickstart) -> None:
+    q.log(f"adapter {q.p.adapter}: validation accuracy {q.p.details('finetune').get('val_accuracy')}")
+
+
+def _log_fold(q: _Quickstart) -> None:
+    fd = q.p.details("fold")
+    q.log(f"folded {fd['folded']}/{fd['layers']} layers; calibration accuracy {fd['metric_before']:.2f} -> "
+          f"{fd['metric_after']:.2f}")
+
+
+QUICKSTART_STAGES = (
+    Stage("data", _write_data, ("data/train.tsv", "data/val.tsv"), skip=_your_data, after=_log_data),
+    Stage("finetune", _finetune, ("adapter/adapter_config.json",), after=_log_finetune),
+    Stage("fold", _fold, ("folded/deploy_config.json",), after=_log_fold),
+    Stage("export", _export, ("model.onnx", "base.onnx")),
+    Stage("quantize", _quantize, ("model.int8.onnx",)),
+    Stage("build-trt", _build_engine, ("model.plan",), skip=_engine_wanted, hint=INSTALL_TRT),
+    Stage("parity", _parity),
+    Stage("bench", _bench, skip=_bench_wanted),
+)
 
 
 def _mib(n: Optional[int]) -> str:

@@ -15,7 +15,8 @@ from conftest import SENTENCES, build_rtx_engine
 from lily_deploy.converters.hpmix import DOMAIN, OP_TYPE
 from lily_deploy.cli import cli
 from lily_deploy.core.deploy import load_model
-from lily_deploy.onnx_export import export_onnx
+from lily_deploy.core.config import ConfigError
+from lily_deploy.onnx_export import ExportConfig, export_onnx
 
 ALLOWED_BODY_OPS = {"Softmax", "Shape", "Constant", "Concat", "Reshape", "Unsqueeze", "Mul", "MatMul", "ReduceMean",
                     "ReduceSum", "CastLike", "Max", "Div"}
@@ -43,7 +44,7 @@ def minilm_exports(minilm_adapter, tmp_path_factory):
     out = tmp_path_factory.mktemp("exports")
     paths = {}
     for routing in ("sample", "batch", "token"):
-        result = export_onnx(minilm_adapter, out / f"{routing}.onnx", routing=routing)
+        result = export_onnx(source=minilm_adapter, output=out / f"{routing}.onnx", routing=routing)
         assert result.passed and result.dynamic_layers == 12
         paths[routing] = out / f"{routing}.onnx"
     return paths
@@ -96,9 +97,9 @@ def test_sample_mode_onnx_is_batch_and_padding_invariant(minilm_adapter, minilm_
 
 
 def test_standard_ops_and_deterministic_export(minilm_adapter, minilm_exports, tmp_path):
-    a = export_onnx(minilm_adapter, tmp_path / "a.onnx")
+    a = export_onnx(source=minilm_adapter, output=tmp_path / "a.onnx")
     assert (tmp_path / "a.onnx").read_bytes() == minilm_exports["sample"].read_bytes()
-    std = export_onnx(minilm_adapter, tmp_path / "std.onnx", ops="standard")
+    std = export_onnx(source=minilm_adapter, output=tmp_path / "std.onnx", ops="standard")
     assert a.passed and std.passed
     m = onnx.load(str(tmp_path / "std.onnx"))
     assert not m.functions and not any(n.domain == DOMAIN for n in m.graph.node)
@@ -109,14 +110,14 @@ def test_standard_ops_and_deterministic_export(minilm_adapter, minilm_exports, t
 
 @pytest.mark.parametrize("routing", ["sample", "batch", "token"])
 def test_tiny_vit_and_biased_roberta_export(tiny_vit_adapter, tiny_roberta_adapter, tmp_path, routing):
-    vit = export_onnx(tiny_vit_adapter, tmp_path / "vit.onnx", routing=routing)
+    vit = export_onnx(source=tiny_vit_adapter, output=tmp_path / "vit.onnx", routing=routing)
     assert vit.passed and vit.dynamic_layers == 4
     model = load_model(tiny_vit_adapter, mode=routing)
     x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = model.logits(pixel_values=x).numpy()
     assert np.abs(_run(_session(tmp_path / "vit.onnx"), {"pixel_values": x}) - ref).max() <= 1e-4
-    rob = export_onnx(tiny_roberta_adapter, tmp_path / "rob.onnx", routing=routing)
+    rob = export_onnx(source=tiny_roberta_adapter, output=tmp_path / "rob.onnx", routing=routing)
     assert rob.passed and rob.dynamic_layers == 8
     model = load_model(tiny_roberta_adapter, mode=routing)
     with torch.no_grad():
@@ -141,7 +142,7 @@ def test_plain_model_exports_saying_so(tmp_path):
 def test_export_bad_input(minilm_adapter, tmp_path):
     runner = CliRunner()
     r = runner.invoke(cli, ["export", str(minilm_adapter), "-o", str(tmp_path / "m.onnx"), "--opset", "17"])
-    assert r.exit_code == 1 and "--opset 17" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and "'--opset'" in r.output and "17: " in r.output and "Traceback" not in r.output
     r = runner.invoke(cli, ["export", str(minilm_adapter), "-o", str(tmp_path / "missing" / "m.onnx")])
     assert r.exit_code == 1 and "does not exist" in r.output
     np.savez(tmp_path / "bad.npz", input_ids=np.ones((2, 5), np.int64), attention_mask=np.ones((2, 6), np.int64),
@@ -174,3 +175,51 @@ def test_unsupported_layer_type_is_named(minilm_adapter, tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     r = CliRunner().invoke(cli, ["export", str(tmp_path / "ckpt"), "-o", str(tmp_path / "m.onnx")])
     assert r.exit_code == 1 and "LayerNorm is not a Linear" in r.output
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("target", ["weights", "data", "inputs"])
+def test_export_never_writes_over_an_input(minilm_adapter, tmp_path, target):
+    data = tmp_path / "val.tsv"
+    data.write_text("sentence\tlabel\ngood film\t1\n")
+    inputs = tmp_path / "in.npz"
+    np.savez(inputs, input_ids=np.ones((1, 4), np.int64), attention_mask=np.ones((1, 4), np.int64))
+    output = {"weights": minilm_adapter / "adapter_model.safetensors", "data": data, "inputs": inputs}[target]
+    extra = {"weights": [], "data": ["--data", str(data)], "inputs": ["--inputs", str(inputs)]}[target]
+    before, data_before, inputs_before = _files(minilm_adapter), data.read_bytes(), inputs.read_bytes()
+    r = CliRunner().invoke(cli, ["export", str(minilm_adapter), "-o", str(output), *extra])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and "input" in r.output and str(output) in r.output
+    assert _files(minilm_adapter) == before and data.read_bytes() == data_before
+    assert inputs.read_bytes() == inputs_before
+
+
+@pytest.mark.parametrize("flag, value, field", [
+    ("--opset", "17", "opset"), ("--dynamic", "batch,width", "dynamic"), ("--atol", "nan", "atol"),
+    ("--atol", "logits:-1", "atol"),
+])
+def test_export_config_errors_name_the_flag_and_the_field(minilm_adapter, tmp_path, flag, value, field):
+    r = CliRunner().invoke(cli, ["export", str(minilm_adapter), "-o", str(tmp_path / "m.onnx"), flag, value])
+    assert r.exit_code == 2 and flag in r.output and "Traceback" not in r.output, r.output
+    typed = {"opset": int, "dynamic": str, "atol": lambda v: {"logits": float(v.rpartition(":")[2])}}[field](value)
+    with pytest.raises(ConfigError) as exc:
+        ExportConfig(source=minilm_adapter, output=tmp_path / "m.onnx", **{field: typed})
+    assert exc.value.field == field and str(exc.value).startswith(f"{field}: ")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_config_fields_and_task_check(minilm_adapter, tmp_path):
+    config = ExportConfig(source=minilm_adapter, output=tmp_path / "m.onnx", dynamic="batch")
+    assert config.dynamic == ("batch",) and config.opset == 20 and config.validation and config.atol == {}
+    for bad in ({"routing": "static"}, {"ops": "fused"}, {"task": "detection"}, {"opset": 18.5}):
+        with pytest.raises(ConfigError) as exc:
+            config.replace(**bad)
+        assert exc.value.field == next(iter(bad))
+    with pytest.raises(TypeError):
+        export_onnx(config, validate=False)  # the field is `validation`
+    r = CliRunner().invoke(cli, ["export", str(minilm_adapter), "-o", str(tmp_path / "m.onnx"), "--task", "image-cls"])
+    assert r.exit_code == 2 and "'--task'" in r.output and "seq-cls" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "m.onnx").exists()

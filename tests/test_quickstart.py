@@ -3,10 +3,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from lily_deploy.cli import cli
+from lily_deploy.core.config import ConfigError
+from lily_deploy.core.errors import LilyDeployError
 from lily_deploy.datasets import write_reviews
+from lily_deploy.pipeline import (QUICKSTART_STAGES, Pipeline, QuickstartConfig, Stage, StageLog, StageSkipped,
+                                  quickstart, run_stages)
 
 
 def test_embedded_data_set_is_seeded_and_disjoint(tmp_path):
@@ -45,3 +50,86 @@ def test_quickstart_interrupted_then_resumed(tmp_path, monkeypatch):
     assert summary["stages"]["finetune"]["val_accuracy"] > 0.7  # two balanced classes: chance is 0.5
     assert summary["parity"]["passed"] and (out / "model.int8.onnx").exists()
     assert "parity" in second.output and "model.int8.onnx" in second.output
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_quickstart_never_writes_over_its_data(tmp_path, fresh):
+    out = tmp_path / "qs"
+    train, val = write_reviews(out / "mine", n_train=20, n_val=10)
+    before = {p: p.read_bytes() for p in (train, val)}
+    args = ["quickstart", "-o", str(out), "--train", str(train), "--val", str(val)] + (["--fresh"] if fresh else [])
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and "input training data" in r.output
+    assert {p: p.read_bytes() for p in (train, val)} == before
+    assert sorted(p.name for p in out.iterdir()) == ["mine"]  # no stage ran
+    with pytest.raises(LilyDeployError, match="is the input training data"):
+        quickstart(output=train, train=train, val=val, fresh=fresh)  # the CLI refuses a file for -o itself
+    assert {p: p.read_bytes() for p in (train, val)} == before
+
+
+@pytest.mark.parametrize("args, flag, field", [
+    (["--steps", "0"], "--steps", "steps"), (["--batch-size", "0"], "--batch-size", "batch_size"),
+    (["--train", "t.tsv"], "--val", "val"), (["--val", "v.tsv"], "--train", "train"),
+])
+def test_quickstart_config_errors_name_the_flag_and_the_field(tmp_path, args, flag, field):
+    r = CliRunner().invoke(cli, ["quickstart", "-o", str(tmp_path / "qs"), *args])
+    assert r.exit_code == 2 and f"'{flag}'" in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "qs").exists()
+    fields = {"steps": {"steps": 0}, "batch_size": {"batch_size": 0}, "val": {"train": "t.tsv"},
+              "train": {"val": "v.tsv"}}[field]
+    with pytest.raises(ConfigError) as exc:
+        quickstart(output=tmp_path / "qs", **fields)
+    assert exc.value.field == field and str(exc.value).startswith(f"{field}: ")
+    for bad in ({"lr": float("nan")}, {"lr": 0.0}, {"scale": float("inf")}, {"rank": 0}, {"calib_size": 1.5}):
+        with pytest.raises(ConfigError) as exc:
+            QuickstartConfig(**bad)
+        assert exc.value.field == next(iter(bad))
+    assert not (tmp_path / "qs").exists()
+
+
+def test_quickstart_stages_are_declared_once():
+    names = [s.name for s in QUICKSTART_STAGES]
+    assert names == ["data", "finetune", "fold", "export", "quantize", "build-trt", "parity", "bench"]
+    resumable = {s.name for s in QUICKSTART_STAGES if s.artifacts}
+    assert resumable == {"data", "finetune", "fold", "export", "quantize", "build-trt"}  # parity/bench: every run
+
+
+def test_stage_runner_resumes_skips_and_times(tmp_path):
+    """One loop does the bookkeeping for every stage: skip, keep what an earlier run finished, time, mark."""
+    ran, events = [], []
+
+    def write(name):
+        def run(ctx):
+            ran.append(name)
+            (tmp_path / f"{name}.txt").write_text(name)
+            return {"value": len(ran)}
+        return run
+
+    def unavailable(ctx):
+        raise StageSkipped("skipped: not installed here")
+
+    class Log(StageLog):
+        def start(self, stage, kept):
+            events.append(("start", stage.name, kept))
+
+        def skipped(self, stage, reason):
+            events.append(("skipped", stage.name, reason))
+
+    stages = (Stage("a", write("a"), ("a.txt",), after=lambda ctx: events.append(("after", "a"))),
+              Stage("b", write("b"), ("b.txt",), skip=lambda ctx: ctx.get("skip_b")),
+              Stage("c", unavailable, ("c.txt",)),
+              Stage("d", write("d")))
+    first = run_stages(stages, {"skip_b": "off"}, Log(), state=Pipeline(tmp_path))
+    assert ran == ["a", "d"] and set(first.timings) == {"a", "d"}
+    assert first.skipped == {"b": "off", "c": "skipped: not installed here"}
+    state = json.loads((tmp_path / "quickstart_state.json").read_text())
+    assert set(state) == {"a"} and state["a"]["done"] and state["a"]["value"] == 1  # d has no artifacts
+    assert ("after", "a") in events and ("start", "a", False) in events
+    events.clear()
+    second = run_stages(stages, {}, Log(), state=Pipeline(tmp_path))
+    assert ran == ["a", "d", "b", "d"] and set(second.timings) == {"b", "d"}  # a kept, d runs every time
+    assert ("start", "a", True) in events and ("after", "a") in events
+    (tmp_path / "a.txt").unlink()  # an artifact gone: the stage runs again
+    third = run_stages(stages, {}, state=Pipeline(tmp_path))
+    assert ran == ["a", "d", "b", "d", "a", "d"] and set(third.timings) == {"a", "d"}

@@ -1,7 +1,10 @@
 """``lily-deploy export``."""
 import click
 
-from .options import base_option, parse_tolerances
+from .options import base_option, make_config, parse_tolerances
+
+# ExportConfig field -> flag, where the flag is not --field-name
+FLAGS = {"source": "MODEL", "output": "-o", "validation": "--no-validate", "inputs_npz": "--inputs"}
 
 
 @click.command("export")
@@ -33,15 +36,19 @@ def command(model, output, routing, ops, opset, dynamic, external_data, task, no
              or pixel_values (float, [batch, 3, H, W])
     Output:  logits
     """
+    from ..core.config import ConfigError
     from ..core.errors import LilyDeployError
-    from ..onnx_export import export_onnx
+    from ..onnx_export import ExportConfig, export_onnx
 
-    tolerances = parse_tolerances(atol, "--atol")
-    axes = [a.strip() for a in dynamic.split(",") if a.strip()]
-    result = export_onnx(model, output, routing=routing, ops=ops, opset=opset, dynamic=axes,
-                         external_data=external_data, task=task, validate=not no_validate, atol=tolerances,
-                         data=data, inputs_npz=inputs_npz, keep_on_failure=keep_on_failure, base=base,
-                         text_column=text_column)
+    config = make_config(ExportConfig, flags=FLAGS, source=model, output=output, routing=routing, ops=ops,
+                         opset=opset, dynamic=dynamic, external_data=external_data, task=task,
+                         validation=not no_validate, atol=parse_tolerances(atol, "--atol"), data=data,
+                         inputs_npz=inputs_npz, keep_on_failure=keep_on_failure, base=base, text_column=text_column)
+    try:
+        result = export_onnx(config)
+    except ConfigError as exc:  # a field the model refutes (--task): a usage error naming the flag
+        flag = FLAGS.get(exc.field, "--" + exc.field.replace("_", "-"))
+        raise click.BadParameter(exc.detail, param_hint=f"'{flag}'") from None
     for note in result.notes:
         click.echo(f"note: {note}")
     click.echo(f"{result.dynamic_layers} dynamic Lily layers ({result.routing} routing, {result.ops} ops), "

@@ -1,7 +1,10 @@
 """``lily-deploy fold``."""
 import click
 
-from .options import base_option, data_column_options
+from .options import base_option, data_column_options, make_config
+
+# FoldConfig field -> flag, where the flag is not --field-name
+FLAGS = {"source": "MODEL_DIR", "output": "-o", "strategy": "--fold", "size": "--calib-size"}
 
 
 @click.command("fold")
@@ -25,11 +28,12 @@ from .options import base_option, data_column_options
 def command(model_dir, calib, output, strategy, max_metric_drop, max_output_error, routing, calib_size,
             batch_size, max_length, random_inputs, text_column, label_column, base):
     """Fold static router paths of MODEL_DIR (adapter folder or checkpoint) into the base weights."""
-    from ..folding import REPORT, fold
+    from ..folding import REPORT, FoldConfig, fold
 
-    report = fold(model_dir, output, calib=calib, strategy=strategy, max_metric_drop=max_metric_drop,
-                  max_output_error=max_output_error, routing=routing, size=calib_size, batch_size=batch_size,
-                  max_length=max_length, text_column=text_column, label_column=label_column,
-                  random_inputs=random_inputs, base=base)
+    config = make_config(FoldConfig, flags=FLAGS, source=model_dir, output=output, calib=calib, strategy=strategy,
+                         max_metric_drop=max_metric_drop, max_output_error=max_output_error, routing=routing,
+                         size=calib_size, batch_size=batch_size, max_length=max_length, text_column=text_column,
+                         label_column=label_column, random_inputs=random_inputs, base=base)
+    report = fold(config)
     click.echo(report.table())
     click.echo(f"wrote {output} (deploy checkpoint) and {output}/{REPORT}")

@@ -1,6 +1,11 @@
 """``lily-deploy quickstart``."""
 import click
 
+from .options import make_config
+
+# QuickstartConfig field -> flag, where the flag is not --field-name
+FLAGS = {"output": "-o", "engine": "--no-engine", "bench": "--no-bench"}
+
 
 @click.command("quickstart")
 @click.option("-o", "--output", default="out/quickstart", show_default=True, type=click.Path(file_okay=False),
@@ -17,8 +22,10 @@ def command(output, train, val, steps, batch_size, no_engine, no_bench, fresh):
 
     Needs nothing but the packaged MiniLM; a rerun after an interruption resumes where it stopped.
     """
-    from ..pipeline import format_summary, quickstart
+    from ..pipeline import QuickstartConfig, format_summary, quickstart
 
-    summary = quickstart(output, train=train, val=val, steps=steps, batch_size=batch_size, engine=not no_engine,
-                         bench=not no_bench, fresh=fresh, log=lambda m: click.echo(m))
+    config = make_config(QuickstartConfig, flags=FLAGS, output=output, train=train, val=val, steps=steps,
+                         batch_size=batch_size, engine=not no_engine, bench=not no_bench, fresh=fresh,
+                         log=click.echo)
+    summary = quickstart(config)
     click.echo("\n" + format_summary(summary))
