@@ -3,7 +3,7 @@ import json
 
 import click
 
-from .options import make_config
+from .options import make_config, usage_errors
 
 # config fields whose flag is not --field-name
 FLAGS = {"onnx_path": "MODEL.onnx", "compute_capabilities": "--compute-capability"}
@@ -42,16 +42,12 @@ def command(onnx_file, output, backend, shapes, min_shapes, opt_shapes, max_shap
     middle. Precision comes from the graph (FP16 casts, INT8 Q/DQ): networks are strongly typed.
     Writes the engine and ENGINE.json (backend, targets, profiles, I/O, precision, build time).
     """
-    from ..core.config import ConfigError
     from ..trt_build import BuildConfig, build_engine
 
     config = make_config(BuildConfig, flags=FLAGS, onnx_path=onnx_file, output=output, backend=backend,
                          shapes=shapes, min_shapes=min_shapes, opt_shapes=opt_shapes, max_shapes=max_shapes,
                          workspace=workspace, timing_cache=timing_cache, compute_capabilities=compute_capabilities,
                          plugin_route=plugin_route, fp16=fp16, int8=int8, verbose=verbose)
-    try:
+    with usage_errors(FLAGS):
         report = build_engine(config)
-    except ConfigError as exc:  # a value that does not fit the model or the backend is as much a usage error
-        flag = FLAGS.get(exc.field, "--" + exc.field.replace("_", "-"))
-        raise click.BadParameter(exc.detail, param_hint=f"'{flag}'") from None
     click.echo(json.dumps(report.data, indent=2) if as_json else report.table())

@@ -1,7 +1,7 @@
 """``lily-deploy export``."""
 import click
 
-from .options import base_option, make_config, parse_tolerances
+from .options import base_option, make_config, parse_tolerances, usage_errors
 
 # ExportConfig field -> flag, where the flag is not --field-name
 FLAGS = {"source": "MODEL", "output": "-o", "validation": "--no-validate", "inputs_npz": "--inputs"}
@@ -36,7 +36,6 @@ def command(model, output, routing, ops, opset, dynamic, external_data, task, no
              or pixel_values (float, [batch, 3, H, W])
     Output:  logits
     """
-    from ..core.config import ConfigError
     from ..core.errors import LilyDeployError
     from ..onnx_export import ExportConfig, export_onnx
 
@@ -44,11 +43,8 @@ def command(model, output, routing, ops, opset, dynamic, external_data, task, no
                          opset=opset, dynamic=dynamic, external_data=external_data, task=task,
                          validation=not no_validate, atol=parse_tolerances(atol, "--atol"), data=data,
                          inputs_npz=inputs_npz, keep_on_failure=keep_on_failure, base=base, text_column=text_column)
-    try:
+    with usage_errors(FLAGS):
         result = export_onnx(config)
-    except ConfigError as exc:  # a field the model refutes (--task): a usage error naming the flag
-        flag = FLAGS.get(exc.field, "--" + exc.field.replace("_", "-"))
-        raise click.BadParameter(exc.detail, param_hint=f"'{flag}'") from None
     for note in result.notes:
         click.echo(f"note: {note}")
     click.echo(f"{result.dynamic_layers} dynamic Lily layers ({result.routing} routing, {result.ops} ops), "

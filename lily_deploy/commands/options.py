@@ -1,6 +1,8 @@
 """Option types and decorators shared by several commands."""
 from __future__ import annotations
 
+import contextlib
+
 
 import click
 
@@ -52,15 +54,24 @@ def data_column_options(f):
     return f
 
 
-def make_config(cls, flags: dict | None = None, **fields):
-    """Build a stage config from CLI values; a bad field becomes a usage error naming its flag (exit 2).
+@contextlib.contextmanager
+def usage_errors(flags: dict | None = None):
+    """Turn a :class:`~lily_deploy.core.config.ConfigError` raised inside into a usage error naming its flag.
 
-    ``flags`` maps field names to flags where the flag is not ``--field-name``.
+    A field can be refuted while the stage runs (a shape the model does not have, an exclusion the
+    graph lacks): that is still a bad flag value, exit 2. ``flags`` maps fields to flags where the
+    flag is not ``--field-name``.
     """
     from ..core.config import ConfigError
 
     try:
-        return cls(**fields)
+        yield
     except ConfigError as exc:
         flag = (flags or {}).get(exc.field, "--" + exc.field.replace("_", "-"))
         raise click.BadParameter(exc.detail, param_hint=f"'{flag}'") from None
+
+
+def make_config(cls, flags: dict | None = None, **fields):
+    """Build a stage config from CLI values; a bad field becomes a usage error naming its flag (exit 2)."""
+    with usage_errors(flags):
+        return cls(**fields)

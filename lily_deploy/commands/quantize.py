@@ -1,7 +1,7 @@
 """``lily-deploy quantize``: a thin layer over :func:`lily_deploy.precision.quantize`."""
 import click
 
-from .options import data_column_options, make_config
+from .options import data_column_options, make_config, usage_errors
 
 # QuantizeConfig field -> flag, where the flag is not --field-name
 FLAGS = {"model_path": "MODEL.onnx", "output": "-o", "precision": "--int8/--fp16",
@@ -84,7 +84,6 @@ def command(onnx_file, output, precision, calib, calib_method, calib_size, seed,
     import warnings
 
     from ..calib.readers import CalibrationWarning
-    from ..core.config import ConfigError
     from ..core.errors import LilyDeployError
     from ..precision import QuantizeConfig, quantize
 
@@ -102,10 +101,8 @@ def command(onnx_file, output, precision, calib, calib_method, calib_size, seed,
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CalibrationWarning)
         try:
-            result = quantize(config)
-        except ConfigError as exc:  # a field the graph refutes (an --exclude-nodes name it lacks): a usage error
-            flag = FLAGS.get(exc.field, "--" + exc.field.replace("_", "-"))
-            raise click.BadParameter(exc.detail, param_hint=f"'{flag}'") from None
+            with usage_errors(FLAGS):
+                result = quantize(config)
         finally:
             for w in caught:
                 if issubclass(w.category, CalibrationWarning):
