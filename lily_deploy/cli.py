@@ -23,6 +23,7 @@ COMMANDS = {
     "export": ("export", "Export to ONNX with lily::HPMix custom ops (and their bodies); validate against torch."),
     "quantize": ("quantize", "Write FP16 or INT8 (Q/DQ) ONNX from calibration data; validate accuracy."),
     "build-trt": ("build_trt", "Build a TensorRT or TensorRT-for-RTX engine from an ONNX file."),
+    "generate": ("generate", "Generate text from a Lily decoder with a KV cache (torch or onnxruntime)."),
     "parity": ("parity", "Check accuracy parity of ONNX/TensorRT candidates against the torch reference."),
     "bench": ("bench", "Measure latency and throughput across backends in one interleaved run."),
     "quickstart": ("quickstart", "Run the whole pipeline on an embedded default: fine-tune to engine."),

@@ -103,3 +103,56 @@ SENTENCES = [
     "an instant classic",
     "i wanted to like it",
 ]
+
+
+# ---- tiny random decoders (real HF architectures) with random-but-nonzero Lily adapters -------------
+
+def _save_decoder(kind: str, out: Path) -> Path:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from lily_deploy.core.models import minilm_path
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(0)
+    common = dict(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
+                  eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    else:  # Qwen2: biased q/k/v, grouped-query attention
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return _save_decoder("llama", tmp_path_factory.mktemp("llama") / "base")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory) -> Path:
+    return _save_decoder("qwen2", tmp_path_factory.mktemp("qwen2") / "base")
+
+
+def decoder_adapter(base: Path, out: Path, routing: str = "prompt", seed: int = 0) -> Path:
+    """A random non-zero Lily adapter on q/v/down projections, its sidecar saying it was trained with ``routing``."""
+    import json
+
+    from lily_deploy.core.adapters import SIDECAR, random_lily_adapter
+
+    path = random_lily_adapter(str(base), out, ["q_proj", "v_proj", "down_proj"], task="causal-lm", rank=4,
+                               num_hp=3, lp_stride=2, scale=2.0, seed=seed)
+    (path / SIDECAR).write_text(json.dumps({"task": "causal-lm", "routing": routing}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama_adapter(tiny_llama_dir, tmp_path_factory) -> Path:
+    return decoder_adapter(tiny_llama_dir, tmp_path_factory.mktemp("llama") / "adapter")
+
+
+@pytest.fixture(scope="session")
+def qwen2_adapter(tiny_qwen2_dir, tmp_path_factory) -> Path:
+    return decoder_adapter(tiny_qwen2_dir, tmp_path_factory.mktemp("qwen2") / "adapter")

@@ -386,7 +386,7 @@ def test_pick_profile_and_shape_outside_every_profile():
 @needs_any_trt
 def test_runner_without_gpu_says_so(tmp_path):
     engine = tmp_path / "m.plan"
-    engine.write_bytes(b"\0" * 64)
+    engine.write_bytes(b"vtrt" + b"\0" * 60)  # an engine's header (random bytes are refused before this)
     with pytest.raises(LilyDeployError, match="needs a CUDA GPU"):
         TrtRunner(engine)
 
