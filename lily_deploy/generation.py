@@ -166,7 +166,11 @@ def read_prompts(path: str | Path) -> list[str]:
     """The ``prompt`` field of every line of a JSONL file; one line naming the file and line otherwise."""
     from .core.data import read_prompt_table
 
-    return list(read_prompt_table(path, require="prompt").prompts)
+    table = read_prompt_table(path)
+    for prompt, line in zip(table.prompts, table.lines):
+        if prompt is None:
+            raise LilyDeployError(f"{path}: line {line} has no 'prompt' field: generation continues prompts")
+    return list(table.prompts)
 
 
 def open_decoder(config: GenerateConfig):
@@ -204,10 +208,12 @@ def special_ids(tokenizer) -> tuple[Optional[int], int]:
 
 def encode_prompts(tokenizer, prompts: Sequence[str], decoder, max_new_tokens: int) -> list[list[int]]:
     """Token ids of each prompt (no padding); refuse a prompt that, with the new tokens, exceeds the context."""
+    from .core.data import prompt_ids
+
     limit = getattr(decoder, "max_positions", None)
     out = []
     for i, text in enumerate(prompts):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        ids = prompt_ids(tokenizer, text) if text else []  # as training tokenized the prompts
         if not ids:
             raise LilyDeployError(f"prompt {i + 1} is empty: there is nothing to continue")
         if limit and len(ids) + max_new_tokens > limit:

@@ -1,4 +1,5 @@
-"""Fine-tuning with Lily (or a LoRA baseline) on labelled text or images, in one process or DDP.
+"""Fine-tuning with Lily (or a LoRA baseline) on labelled text or images, or a causal LM on
+prompts and responses, in one process or DDP.
 
 The adapter is PEFT's own (``LilyConfig`` + ``get_peft_model``; the head trains through
 ``modules_to_save``) and is saved with ``save_pretrained``, so PEFT, ``lily-deploy inspect`` and
@@ -16,6 +17,15 @@ Routing:
   on the model. Batch-invariant, so DDP with any number of processes gives the result of one
   process with the same global batch (up to float rounding), and training matches what
   ``--routing sample`` deploys.
+
+Causal LMs (``task="causal-lm"``, read from the model or given) learn from JSONL rows
+``{"prompt", "response"}`` (loss on the response tokens; prompt labels -100) or ``{"text"}`` (loss
+on every token), right-padded within a batch. Their routings are the ones exact under a KV cache
+(``core.modes.DECODER_MODES``): ``prompt`` (default; the hooks get the prompt tokens -- label -100,
+attention 1 -- as the mask, as ``RoutingContext.prompt_mask`` gives the deploy layer), ``causal``
+(the attention mask) or ``token``; ``batch`` runs PEFT's forward for comparison, with a warning;
+``sample`` is refused. Validation reports response-token accuracy (argmax next-token prediction,
+the best-checkpoint metric) and perplexity (exp of the mean response-token NLL).
 
 Distributed: launched by ``torchrun`` (``WORLD_SIZE`` > 1) it runs DDP (gloo on CPU, nccl on GPU).
 ``batch_size`` is the GLOBAL batch of one forward pass; each global batch is cut into contiguous,
@@ -50,12 +60,17 @@ from .core.errors import LilyDeployError
 from .core.peft_bridge import check_peft_version, target_of
 
 METHODS = ("lily", "lora")
-ROUTINGS = ("batch", "sample")
+ROUTINGS = ("batch", "sample")  # encoders
+CAUSAL_ROUTINGS = ("prompt", "causal", "token", "batch")  # causal LMs: DECODER_MODES, and PEFT's for comparison
+SAMPLE_ON_DECODER = ("sample is refused for causal LMs: its mean over a sample's tokens changes as tokens are "
+                     "generated, so cached keys and values go stale; use prompt or causal")
+# Llama-family decoders: every projection of attention and MLP, as the paper's LLaMA runs adapt
+DECODER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CHECKPOINT = Path("checkpoints") / "last"
 LOG_FILE = "train_log.jsonl"
 HEAD_NAMES = ("classifier", "score", "head", "fc")
 # settings that must not change between a run and its --resume
-RESUME_KEYS = ("model", "method", "rank", "lp_stride", "num_hp", "scale", "targets", "routing", "batch_size",
+RESUME_KEYS = ("model", "task", "method", "rank", "lp_stride", "num_hp", "scale", "targets", "routing", "batch_size",
                "grad_accum", "lr", "weight_decay", "warmup", "max_length", "seed", "train", "train_size",
                "text_column", "label_column", "lora_rank", "max_grad_norm")
 # PEFT releases whose Lily forward tests/test_training_peft.py pins (pyproject.toml carries the same bounds)
@@ -71,12 +86,16 @@ class FinetuneConfig(StageConfig):
     ``targets`` (PEFT's defaults for the model type), no ``lora_rank`` (matched to Lily's count),
     no ``max_steps`` (train ``epochs``), no ``eval_every`` (each epoch), no ``max_grad_norm`` (no
     clipping), no ``train_size``/``val_size`` (all rows), no columns (detected), no ``log`` (stderr).
+    Two depend on the model and :func:`finetune` makes them concrete before any work: ``task``
+    None is read from the model folder's ``config.json``, and ``routing`` None is the task's
+    default (``prompt`` for a causal LM trained with Lily, ``batch`` otherwise).
     """
 
     model: str
     train: str | os.PathLike
     output: str | os.PathLike
     val: Optional[str | os.PathLike] = None
+    task: Optional[str] = None
     method: str = "lily"
     rank: int = 16
     lp_stride: int = 2
@@ -96,7 +115,7 @@ class FinetuneConfig(StageConfig):
     seed: int = 0
     eval_every: Optional[int] = None
     save_every: int = 100
-    routing: str = "batch"
+    routing: Optional[str] = None
     text_column: Optional[str] = None
     label_column: Optional[str] = None
     train_size: Optional[int] = None
@@ -108,11 +127,12 @@ class FinetuneConfig(StageConfig):
     log: Optional[Callable[[str], None]] = None
 
     def validate(self) -> None:
+        from .core.models import TASKS
+
         self._check_paths()
+        check_choice("task", self.task, TASKS, allow_none=True)
         check_choice("method", self.method, METHODS)
-        check_choice("routing", self.routing, ROUTINGS)
-        if self.method == "lora" and self.routing != "batch":
-            raise ConfigError("routing", "sample applies to Lily only; LoRA has no router")
+        self._check_routing()
         for name in ("rank", "lp_stride", "num_hp", "batch_size", "grad_accum", "max_length", "save_every"):
             check_number(name, getattr(self, name), 1, integer=True)
         for name in ("max_steps", "eval_every", "lora_rank", "train_size", "val_size"):
@@ -135,6 +155,27 @@ class FinetuneConfig(StageConfig):
             if not isinstance(value, (str, os.PathLike)) or not str(value):
                 raise ConfigError(name, f"expected a path, got {value!r}")
 
+    def _check_routing(self) -> None:
+        """The routing choices are the task's: a causal LM's must be exact under a KV cache."""
+        task = self.task or detect_task(self.model)
+        if task == "causal-lm":
+            for name in ("text_column", "label_column"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(name, "applies to classification data; causal-LM data is JSONL with "
+                                            "prompt/response or text fields")
+        if self.routing is None:
+            return
+        if task == "causal-lm":
+            if self.routing == "sample":
+                raise ConfigError("routing", SAMPLE_ON_DECODER)
+            check_choice("routing", self.routing, CAUSAL_ROUTINGS)
+        elif self.routing not in ROUTINGS:
+            raise ConfigError("routing", f"{self.routing!r}: choose one of {', '.join(ROUTINGS)} for a "
+                                         f"{task or 'classification'} model ({', '.join(CAUSAL_ROUTINGS[:3])} "
+                                         "are for causal LMs)")
+        if self.method == "lora" and self.routing != "batch":
+            raise ConfigError("routing", f"{self.routing} applies to Lily only; LoRA has no router")
+
     def _check_names(self) -> None:
         """``targets`` a list of module names (a bare string would be read letter by letter); columns names."""
         if self.targets is not None:
@@ -146,6 +187,40 @@ class FinetuneConfig(StageConfig):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise ConfigError(name, f"expected a column name, got {value!r}")
+
+
+def detect_task(model) -> Optional[str]:
+    """The task of base-model spec ``model`` from its ``config.json``, loading nothing; None when it names no model.
+
+    The same rule as :func:`lily_deploy.core.models.hf_task` (the loader's), so what the config
+    checks is what ``load_base`` later builds.
+    """
+    from types import SimpleNamespace
+
+    from .core.models import hf_task, resolve_base
+
+    try:
+        kind, path = resolve_base(str(model))
+    except LilyDeployError:
+        return None  # the load reports it, naming the model
+    if kind == "timm":
+        return "image-cls"
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    return hf_task(SimpleNamespace(architectures=config.get("architectures"), model_type=config.get("model_type", "")))
+
+
+def resolve_model_fields(config: FinetuneConfig) -> FinetuneConfig:
+    """``config`` with ``task`` read from the model and ``routing`` set to the task's default where None."""
+    task = config.task or detect_task(config.model)
+    routing = config.routing
+    if routing is None:
+        routing = "prompt" if task == "causal-lm" and config.method == "lily" else "batch"
+    return config.replace(task=task, routing=routing)
 
 
 @dataclass
@@ -167,6 +242,7 @@ class FinetuneResult:
     world_size: int
     final_loss: Optional[float] = None
     history: list = field(default_factory=list)
+    task: Optional[str] = None
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -189,11 +265,46 @@ class LabelledData:
 
 
 @dataclass
-class TrainingData:
-    """The training and (optional) validation rows, the label map both use, and the task they make."""
+class LMData:
+    """Causal-LM rows of one file (``core.data.PromptTable``); :meth:`encode` adds their token ids."""
 
-    train: LabelledData
-    val: Optional[LabelledData]
+    path: Path
+    flag: str  # the option that named the file, for messages
+    table: Any
+    examples: list = field(default_factory=list)  # (input ids, labels) per row
+    terms: list = field(default_factory=list)  # labelled next-token predictions per row: its loss terms
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def encode(self, tokenizer, max_length: int, vocab_size: int, model_name: str) -> None:
+        """Token ids and labels of every row; a row with nothing to learn or ids past the vocabulary is one line."""
+        from .core.data import IGNORE_INDEX, lm_example
+
+        t = self.table
+        self.examples, self.terms = [], []
+        for prompt, response, text, line in zip(t.prompts, t.responses, t.texts, t.lines):
+            ids, labels = lm_example(tokenizer, prompt, response if prompt is not None else text, max_length)
+            where = f"{self.flag} {self.path}: line {line}"
+            terms = sum(1 for label in labels[1:] if label != IGNORE_INDEX)
+            if prompt is not None and labels[:1] != [IGNORE_INDEX]:
+                raise LilyDeployError(f"{where}: the prompt tokenizes to no tokens")
+            if terms == 0:
+                raise LilyDeployError(f"{where}: no token to learn within max_length {max_length} (the prompt "
+                                      f"takes {labels.count(IGNORE_INDEX)}); raise max_length")
+            if max(ids) >= vocab_size:
+                raise LilyDeployError(f"{where}: the tokenizer of {model_name} gives token id {max(ids)}, past "
+                                      f"the model's vocabulary of {vocab_size}")
+            self.examples.append((ids, labels))
+            self.terms.append(terms)
+
+
+@dataclass
+class TrainingData:
+    """The training and (optional) validation rows, the label map both use (None for a causal LM), and the task."""
+
+    train: LabelledData | LMData
+    val: Optional[LabelledData | LMData]
     label_map: Any
     task: str
 
@@ -239,11 +350,32 @@ def _read_val(config: FinetuneConfig, label_map, kind: str) -> LabelledData:
     return LabelledData(Path(val), items, label_map.encode(labels, f"--val {val}"), kind)
 
 
+def _read_lm(path, flag: str, size: Optional[int], config: FinetuneConfig) -> LMData:
+    """One causal-LM JSONL file, cut to a seeded subset of ``size`` rows; prompt routing needs a prompt per row."""
+    from .core.data import read_prompt_table
+
+    try:
+        table = read_prompt_table(path, require_response=True)
+    except LilyDeployError as exc:
+        raise LilyDeployError(f"{flag}: {exc}") from None
+    table = table.select(_subset(len(table), size, config.seed))
+    if config.routing == "prompt" and config.method == "lily":
+        plain = [line for line, prompt in zip(table.lines, table.prompts) if prompt is None]
+        if plain:
+            raise LilyDeployError(f"{flag} {path}: line {plain[0]} is a plain text, which has no prompt for prompt "
+                                  "routing to mix by; give prompt/response rows, or train with routing causal or token")
+    return LMData(Path(path), flag, table)
+
+
 def load_data(config: FinetuneConfig) -> TrainingData:
     """The run's data; every way it can be unusable is a one-line error naming the file."""
     from .core.data import LabelMap
 
     train = config.train
+    if config.task == "causal-lm":
+        rows = _read_lm(train, "--train", config.train_size, config)
+        val = _read_lm(config.val, "--val", config.val_size, config) if config.val is not None else None
+        return TrainingData(rows, val, None, "causal-lm")
     items, labels, kind = _read_rows(train, "--train", config.train_size, config)
     if not items:
         raise LilyDeployError(f"--train {train}: no examples")
@@ -254,7 +386,10 @@ def load_data(config: FinetuneConfig) -> TrainingData:
         )
     train_data = LabelledData(Path(train), items, label_map.encode(labels, f"--train {train}"), kind)
     val_data = _read_val(config, label_map, kind) if config.val is not None else None
-    return TrainingData(train_data, val_data, label_map, "image-cls" if kind == "image" else "seq-cls")
+    task = "image-cls" if kind == "image" else "seq-cls"
+    if config.task is not None and config.task != task:
+        raise LilyDeployError(f"--train {train}: holds {kind} data, which a {config.task} model cannot learn")
+    return TrainingData(train_data, val_data, label_map, task)
 
 
 # ---------------------------------------------------------------- targets and parameter counts
@@ -270,14 +405,27 @@ def head_name(model) -> str:
     )
 
 
-def _in_head(name: str, head: str) -> bool:
-    return re.match(rf"(^|.*\.){re.escape(head)}($|\..*)", name) is not None
+def _in_head(name: str, head: Optional[str]) -> bool:
+    return head is not None and re.match(rf"(^|.*\.){re.escape(head)}($|\..*)", name) is not None
 
 
-def linear_modules(model, head: str) -> dict[str, Any]:
+def linear_modules(model, head: Optional[str]) -> dict[str, Any]:
+    """The Linears that may be targets: not in the classification ``head``, not a causal LM's output layer."""
     from torch import nn
 
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _in_head(n, head)}
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and m is not output and not _in_head(n, head)}
+
+
+def conv1d_modules(model) -> list[str]:
+    """transformers' ``Conv1D`` layers (GPT-2's c_attn, c_proj, c_fc): PEFT's Lily adapts ``nn.Linear`` only."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return []
+    return [n for n, m in model.named_modules() if isinstance(m, Conv1D)]
 
 
 def abbreviate(names: Sequence[str], limit: int = 12) -> str:
@@ -303,9 +451,14 @@ def abbreviate(names: Sequence[str], limit: int = 12) -> str:
     return ", ".join(out[:limit]) + more
 
 
-def _default_targets(model, model_name: str, linears) -> list[str]:
+def _default_targets(model, model_name: str, linears, decoder: bool) -> list[str]:
+    """A decoder's attention and MLP projections of :data:`DECODER_TARGETS` it has, else PEFT's defaults."""
     from peft.utils import TRANSFORMERS_MODELS_TO_LILY_TARGET_MODULES_MAPPING as defaults
 
+    if decoder:
+        present = [t for t in DECODER_TARGETS if any(target_of(n, [t]) for n in linears)]
+        if present:
+            return present
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     targets = defaults.get(model_type)
     if not targets:
@@ -316,17 +469,29 @@ def _default_targets(model, model_name: str, linears) -> list[str]:
     return list(targets)
 
 
-def resolve_targets(model, targets: Optional[Sequence[str]], head: str, model_name: str) -> tuple[list[str], list[str]]:
-    """``(targets, adapted layer names)``; a target that matches no Linear is an error listing those that exist."""
+def _no_linear(model, t: str, head: Optional[str], model_name: str, linears) -> LilyDeployError:
+    """The error for target ``t`` matching no Linear: a GPT-2 style Conv1D is named as such."""
+    have = f"its Linear modules are: {abbreviate(list(linears))}" if linears else "it has no Linear modules to adapt"
+    conv = [n for n in conv1d_modules(model) if target_of(n, [t])]
+    if conv:
+        return LilyDeployError(f"targets {t!r} of {model_name} are transformers Conv1D layers ({abbreviate(conv, 3)})"
+                               f", which PEFT's Lily does not adapt (nn.Linear only); {have}")
+    why = f" (the head {head!r} is trained in full and cannot be a target)" if head else ""
+    return LilyDeployError(f"targets {t!r} matches no Linear module of {model_name}{why}; {have}")
+
+
+def resolve_targets(model, targets: Optional[Sequence[str]], head: Optional[str],
+                    model_name: str) -> tuple[list[str], list[str]]:
+    """``(targets, adapted layer names)``; a target that matches no Linear is an error listing those that exist.
+
+    ``head``: the classification head (trained in full, never a target); None for a causal LM.
+    """
     linears = linear_modules(model, head)
-    targets = _default_targets(model, model_name, linears) if not targets else targets
+    targets = _default_targets(model, model_name, linears, head is None) if not targets else targets
     targets = list(dict.fromkeys(t.strip() for t in targets if t and t.strip()))
     for t in targets:
         if not any(target_of(n, [t]) for n in linears):
-            raise LilyDeployError(
-                f"targets {t!r} matches no Linear module of {model_name} (the head {head!r} is trained in full "
-                f"and cannot be a target); its Linear modules are: {abbreviate(list(linears))}"
-            )
+            raise _no_linear(model, t, head, model_name, linears)
     adapted = [n for n in linears if target_of(n, targets)]
     for n in adapted:
         ends = [t for t in targets if n.endswith(t)]
@@ -368,10 +533,17 @@ def lora_rank_for(model, adapted: Sequence[str], budget: int) -> tuple[int, int]
 
 # ---------------------------------------------------------------- PEFT's Lily: version guard and routing
 class RoutingHooks:
-    """The hooks :func:`route_lily_layers` set; ``remove()`` gives the layers PEFT's own routing back."""
+    """The hooks :func:`route_lily_layers` set; ``remove()`` gives the layers PEFT's own routing back.
+
+    ``context`` is a ``core.lily.RoutingContext``: its ``mask`` is the attention mask of the
+    forward pass in flight; for ``prompt`` routing set ``context.prompt_mask`` (the prompt's
+    non-padding tokens, ``[B, T]``) before each forward, as on a deploy model's context. Both
+    are cleared when the forward ends, so a later batch never sees a stale mask; without a
+    prompt mask every unmasked token counts as prompt, as in the deploy layer.
+    """
 
     def __init__(self, context, handles: list) -> None:
-        self.context = context  # core.lily.RoutingContext: the attention mask of the forward pass in flight
+        self.context = context
         self.handles = handles
 
     def remove(self) -> None:
@@ -385,6 +557,17 @@ def _token_mask(mask, h):
     if mask is None or h.dim() != 3 or mask.dim() != 2 or tuple(mask.shape) != tuple(h.shape[:2]):
         return None
     return mask
+
+
+def _mode_mask(context, mode: str, h):
+    """The mask routing ``mode`` mixes over, as the deploy layer picks it: prompt tokens for ``prompt``
+    (the attention mask when none is set), the attention mask for ``sample`` and ``causal``, none otherwise."""
+    if mode == "prompt":
+        prompt = _token_mask(context.prompt_mask, h)
+        return prompt if prompt is not None else _token_mask(context.mask, h)
+    if mode in ("sample", "causal"):
+        return _token_mask(context.mask, h)
+    return None
 
 
 def _hook_layer(layer, context, mode: str) -> list:
@@ -415,7 +598,7 @@ def _hook_layer(layer, context, mode: str) -> list:
             return None
         result = base
         for adapter, h, logits in routed:
-            mask = _token_mask(context.mask, h) if mode == "sample" else None
+            mask = _mode_mask(context, mode, h)
             delta = hp_mix_reference(h, logits, module.lily_B[adapter].weight, mask, mode, module.scaling[adapter])
             result = result + delta.to(result.dtype)
         return result
@@ -431,15 +614,17 @@ def route_lily_layers(peft_model, mode: str = "sample") -> RoutingHooks:
 
     The layers stay PEFT's (saving, loading and parameter names are unchanged) and so does their
     ``forward``; ``mode="batch"`` reproduces PEFT's result, which the tests use to pin PEFT's math.
+    The decoder modes ``prompt`` and ``causal`` mix over whole sequences from their start
+    (training and full forwards: no KV cache, no routing state).
     """
     from peft.tuners.lily.layer import LilyLayer
 
     from .core.lily import RoutingContext
-    from .core.modes import DYNAMIC_MODES
+    from .core.modes import DYNAMIC_MODES, STATE_MODES
 
     check_peft_version()
-    if mode not in DYNAMIC_MODES:
-        raise LilyDeployError(f"routing {mode!r}: choose one of {', '.join(DYNAMIC_MODES)}")
+    if mode not in DYNAMIC_MODES + STATE_MODES:
+        raise LilyDeployError(f"routing {mode!r}: choose one of {', '.join(DYNAMIC_MODES + STATE_MODES)}")
     context = RoutingContext()
     handles: list = []
     for module in peft_model.modules():
@@ -452,7 +637,7 @@ def route_lily_layers(peft_model, mode: str = "sample") -> RoutingHooks:
         context.mask = kwargs.get("attention_mask")
 
     def drop_mask(module, args, kwargs, output):
-        context.mask = None
+        context.mask = context.prompt_mask = None
 
     handles.append(peft_model.register_forward_pre_hook(keep_mask, with_kwargs=True))
     handles.append(peft_model.register_forward_hook(drop_mask, with_kwargs=True, always_call=True))
@@ -676,12 +861,13 @@ class BuiltModel:
     """A PEFT model ready to train, and how its adapter was sized."""
 
     peft_model: Any
-    head: str
+    head: Optional[str]  # the classification head (None for a causal LM)
     targets: list[str]
     adapted: list[str]
     lily_params: int  # Lily's adapter count at the given rank/num_hp/stride
     lora_rank: int  # the LoRA rank matched to it (or the one asked for)
     lora_params: int
+    hooks: Optional[RoutingHooks] = None  # the routing hooks, for any routing but PEFT's own batch
 
 
 def build_model(base, method: str = "lily", rank: int = 16, lp_stride: int = 2, num_hp: int = 4,
@@ -693,30 +879,32 @@ def build_model(base, method: str = "lily", rank: int = 16, lp_stride: int = 2, 
     """
     from peft import get_peft_model
 
-    head = head_name(base.model)
+    from .core.models import TASK_TO_PEFT_TASK
+
+    head = head_name(base.model) if base.task != "causal-lm" else None
     targets, adapted = resolve_targets(base.model, targets, head, base.spec)
     lily_count = lily_param_count(base.model, adapted, targets, rank, num_hp, lp_stride)
     matched_rank, lora_count = lora_rank_for(base.model, adapted, lily_count)
     if lora_rank:
         matched_rank, lora_count = lora_rank, lora_rank * lora_rank_for(base.model, adapted, 0)[1]  # rank 1's count
-    task_type = "SEQ_CLS" if base.task == "seq-cls" else None
+    task_type = TASK_TO_PEFT_TASK.get(base.task)
+    to_save = [head] if head else None
     if method == "lily":
         from peft import LilyConfig
 
         check_peft_version()
         config = LilyConfig(r=rank, stride_A=lp_stride, num_B=num_hp, scaling=scale, target_modules=targets,
-                            modules_to_save=[head], task_type=task_type)
+                            modules_to_save=to_save, task_type=task_type)
     else:
         from peft import LoraConfig
 
         config = LoraConfig(r=matched_rank, lora_alpha=2 * matched_rank, lora_dropout=0.0, target_modules=targets,
-                            modules_to_save=[head], task_type=task_type)
+                            modules_to_save=to_save, task_type=task_type)
     with warnings.catch_warnings():  # PEFT calls a transformers API deprecated in v5
         warnings.simplefilter("ignore", FutureWarning)
         peft_model = get_peft_model(base.model, config)
-    if method == "lily" and routing == "sample":
-        route_lily_layers(peft_model, "sample")
-    return BuiltModel(peft_model, head, list(targets), adapted, lily_count, matched_rank, lora_count)
+    hooks = route_lily_layers(peft_model, routing) if method == "lily" and routing != "batch" else None
+    return BuiltModel(peft_model, head, list(targets), adapted, lily_count, matched_rank, lora_count, hooks)
 
 
 @dataclass
@@ -735,6 +923,22 @@ class Prepared:
         return self.trainable - self.adapter
 
 
+def _encode_lm(data: TrainingData, base, config: FinetuneConfig) -> None:
+    """Tokenize causal-LM rows with the base's tokenizer, which must be able to pad a batch."""
+    from .core.data import lm_pad_id
+
+    tokenizer = base.tokenizer
+    if tokenizer is None:
+        raise LilyDeployError(f"--model {config.model}: has no tokenizer, so prompts and responses cannot be encoded")
+    if lm_pad_id(tokenizer) is None:
+        raise LilyDeployError(f"--model {config.model}: its tokenizer has neither a pad nor an EOS token to pad "
+                              "batches with")
+    vocab = base.model.get_input_embeddings().num_embeddings
+    for part in (data.train, data.val):
+        if part is not None:
+            part.encode(tokenizer, config.max_length, vocab, base.spec)
+
+
 def prepare(config: FinetuneConfig, d: Dist) -> Prepared:
     """Data, then the model, seeded in between: the head's and the adapter's initialisation draw from the global RNG."""
     import numpy as np
@@ -746,7 +950,11 @@ def prepare(config: FinetuneConfig, d: Dist) -> Prepared:
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
-    base = load_base(config.model, task=data.task, num_labels=len(data.label_map), labels=data.label_map.labels)
+    if data.task == "causal-lm":
+        base = load_base(config.model, task=data.task)
+        _encode_lm(data, base, config)
+    else:
+        base = load_base(config.model, task=data.task, num_labels=len(data.label_map), labels=data.label_map.labels)
     if base.task != data.task:
         raise LilyDeployError(f"--model {config.model}: a {base.task} model cannot learn {data.task} data")
     built = build_model(base, method=config.method, rank=config.rank, lp_stride=config.lp_stride,
@@ -765,8 +973,8 @@ def _ddp_note(config: FinetuneConfig, d: Dist) -> str:
         note = "LoRA has no router: same result as one process with the same global batch"
     elif config.routing == "batch":
         note = (f"each process mixes over its own local batch (about {config.batch_size // d.world} of the global "
-                f"{config.batch_size}), so results depend on the process count; use --routing sample for "
-                "batch-invariant training")
+                f"{config.batch_size}), so results depend on the process count; use --routing "
+                f"{'prompt' if config.task == 'causal-lm' else 'sample'} for batch-invariant training")
     else:
         note = "batch-invariant routing: same result as one process with the same global batch"
     return (f"DDP: {d.world} processes ({'nccl' if d.device.type == 'cuda' else 'gloo'}), "
@@ -775,12 +983,18 @@ def _ddp_note(config: FinetuneConfig, d: Dist) -> str:
 
 def describe_run(config: FinetuneConfig, p: Prepared, d: Dist, say: Callable[[str], None]) -> None:
     """The run's opening lines: what is adapted, how many parameters train, and what DDP means for it."""
-    b = p.built
-    say(f"finetune: {config.method} on {p.base.spec} ({p.data.task}, {len(p.data.label_map)} labels, "
+    b, causal = p.built, p.data.task == "causal-lm"
+    what = f"routing {config.routing}" if causal else f"{len(p.data.label_map)} labels"
+    say(f"finetune: {config.method} on {p.base.spec} ({p.data.task}, {what}, "
         f"{len(b.adapted)} layers: {abbreviate(b.adapted, 4)})")
+    head = "" if b.head is None else f" + head {p.head:,}"
     say(f"trainable parameters: Lily adapter {b.lily_params:,} (r {config.rank}, {config.num_hp} HPs, LP stride "
         f"{config.lp_stride}) vs LoRA adapter {b.lora_params:,} (r {b.lora_rank}); this run: {config.method} "
-        f"{p.adapter:,} + head {p.head:,} = {p.trainable:,}")
+        f"{p.adapter:,}{head} = {p.trainable:,}")
+    if causal and config.method == "lily" and config.routing == "batch":
+        say("warning: routing batch is PEFT's mix over every token of the batch, padding included; a generation with "
+            "a KV cache mixes over other tokens (the prompt at prefill, one token a step), so it will not match "
+            "training: use it for comparison, and prompt or causal to deploy")
     if d.active:
         say(_ddp_note(config, d))
 
@@ -800,7 +1014,7 @@ def sidecar_for(config: FinetuneConfig, p: Prepared) -> dict:
     return {
         "base_model": p.base.spec if (p.base.spec != model or not Path(model).exists()) else str(Path(model).resolve()),
         "task": p.data.task,
-        "labels": p.data.label_map.labels,
+        "labels": p.data.label_map.labels if p.data.label_map is not None else None,
         "routing": config.routing if config.method == "lily" else None,
         "method": config.method,
         "text_column": config.text_column,
@@ -870,6 +1084,86 @@ def make_optimizer(params: dict, config: FinetuneConfig, schedule: Schedule):
     return optimizer, scheduler
 
 
+class ClassifierTask:
+    """What a classification run feeds the model and scores: one loss term a row, accuracy over rows."""
+
+    def __init__(self, p: Prepared, config: FinetuneConfig, device) -> None:
+        self.base, self.max_length, self.device = p.base, config.max_length, device
+
+    def terms(self, data: LabelledData, idx: Sequence[int]) -> int:
+        return len(idx)
+
+    def batch(self, data: LabelledData, idx: Sequence[int]) -> tuple[dict, Any]:
+        import torch
+
+        from .core.data import encode_batch
+
+        inputs = encode_batch(self.base, [data.items[i] for i in idx], self.max_length)
+        labels = torch.tensor([data.labels[i] for i in idx], device=self.device)
+        return {k: v.to(self.device) for k, v in inputs.items()}, labels
+
+    def forward(self, model, inputs: dict, targets) -> tuple[Any, Any]:
+        """``(loss per term, whether each term's prediction is right)``."""
+        import torch.nn.functional as F
+
+        logits = model(**inputs).logits.float()
+        return F.cross_entropy(logits, targets, reduction="none"), logits.argmax(-1) == targets
+
+    def metrics(self, correct: float, loss: float, terms: float, rows: float) -> dict:
+        return {"val_accuracy": correct / max(terms, 1), "val_loss": loss / max(terms, 1), "val_size": int(rows)}
+
+    def line(self, m: dict) -> str:
+        return f"val accuracy {m['val_accuracy']:.4f}, val loss {m['val_loss']:.4f}"
+
+
+class LMTask:
+    """What a causal-LM run feeds the model and scores: a loss term per labelled next-token prediction.
+
+    For ``prompt`` routing the hooks' context gets each batch's prompt mask (label -100 and
+    attention 1) before the forward, as a deploy model's ``context.prompt_mask`` would.
+    """
+
+    def __init__(self, p: Prepared, config: FinetuneConfig, device) -> None:
+        from .core.data import lm_pad_id
+
+        self.device, self.pad_id = device, lm_pad_id(p.base.tokenizer)
+        hooks = p.built.hooks
+        self.context = hooks.context if hooks is not None and config.routing == "prompt" else None
+
+    def terms(self, data: LMData, idx: Sequence[int]) -> int:
+        return sum(data.terms[i] for i in idx)
+
+    def batch(self, data: LMData, idx: Sequence[int]) -> tuple[dict, Any]:
+        from .core.data import lm_batch
+
+        enc = {k: v.to(self.device) for k, v in lm_batch([data.examples[i] for i in idx], self.pad_id).items()}
+        labels = enc.pop("labels")
+        return enc, labels
+
+    def forward(self, model, inputs: dict, targets) -> tuple[Any, Any]:
+        import torch.nn.functional as F
+
+        from .core.data import IGNORE_INDEX
+
+        if self.context is not None:
+            self.context.prompt_mask = (targets == IGNORE_INDEX) & inputs["attention_mask"].bool()
+        logits = model(**inputs).logits[:, :-1]
+        nexts = targets[:, 1:]
+        keep = nexts != IGNORE_INDEX
+        scored, wanted = logits[keep].float(), nexts[keep]
+        return F.cross_entropy(scored, wanted, reduction="none"), scored.argmax(-1) == wanted
+
+    def metrics(self, correct: float, loss: float, terms: float, rows: float) -> dict:
+        nll = loss / max(terms, 1)
+        return {"val_accuracy": correct / max(terms, 1), "val_loss": nll,
+                "val_perplexity": math.exp(nll) if nll < 700 else float("inf"), "val_size": int(rows),
+                "val_tokens": int(terms)}
+
+    def line(self, m: dict) -> str:
+        return (f"val response-token accuracy {m['val_accuracy']:.4f}, perplexity {m['val_perplexity']:.4g}, "
+                f"val loss {m['val_loss']:.4f}")
+
+
 class Trainer:
     """One run over a prepared model: its optimizer and schedule, and step, evaluate, checkpoint and resume."""
 
@@ -877,6 +1171,7 @@ class Trainer:
         self.config, self.d, self.say, self.out, self.p = config, d, say, out, p
         self.model = p.built.peft_model
         self.train_model = self.model  # wrapped in DDP by open() when distributed
+        self.task = (LMTask if p.data.task == "causal-lm" else ClassifierTask)(p, config, d.device)
         self.schedule = Schedule.plan(config, len(p.data.train))
         self.optimizer, self.scheduler = make_optimizer(p.params, config, self.schedule)
         self.ckpt_path = out / CHECKPOINT
@@ -897,8 +1192,9 @@ class Trainer:
         d, total = self.d, self.schedule.total
         state, rng_states = load_checkpoint(self.ckpt_path, self.model, self.optimizer, self.scheduler)
         saved = state["config"]
+        # a key the checkpoint lacks is one added since it was written (task: it then was a classifier's)
         diffs = [f"{k} {self.settings.get(k)!r} (checkpoint: {saved.get(k)!r})" for k in RESUME_KEYS
-                 if saved.get(k) != self.settings.get(k)]
+                 if k in saved and saved[k] != self.settings.get(k)]
         if diffs:
             raise LilyDeployError(f"--resume: settings differ from the checkpoint's run: {'; '.join(diffs)}")
         if state["total_steps"] != total:
@@ -941,29 +1237,23 @@ class Trainer:
             self.train_model = DDP(self.model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
 
     # ---- one step, evaluation, checkpoint
-    def _batch(self, data: LabelledData, idx: Sequence[int]) -> tuple[dict, Any]:
-        import torch
-
-        from .core.data import encode_batch
-
-        inputs = encode_batch(self.p.base, [data.items[i] for i in idx], self.config.max_length)
-        labels = torch.tensor([data.labels[i] for i in idx], device=self.d.device)
-        return {k: v.to(self.d.device) for k, v in inputs.items()}, labels
-
     def step(self, step: int) -> StepStats:
-        """Optimizer step ``step`` over its ``grad_accum`` global batches; a non-finite loss or gradient stops the run."""
-        import torch
-        import torch.nn.functional as F
+        """Optimizer step ``step`` over its ``grad_accum`` global batches; a non-finite loss or gradient stops the run.
 
-        d, t0 = self.d, time.perf_counter()
+        The loss is the mean over the step's loss terms (rows, or a causal LM's response tokens)
+        of the whole global step, so each rank scales its sum by the same global count.
+        """
+        import torch
+
+        d, t0, data = self.d, time.perf_counter(), self.p.data.train
         chunks = self.schedule.micro_batches(step, d.world)
-        n_step = sum(len(c) for c in chunks)
+        n_step = sum(self.task.terms(data, c) for c in chunks)
         loss_sum = torch.zeros((), dtype=torch.float64)
         for i, chunk in enumerate(chunks):
-            inputs, labels = self._batch(self.p.data.train, split_for_rank(chunk, d.rank, d.world))
+            inputs, labels = self.task.batch(data, split_for_rank(chunk, d.rank, d.world))
             sync = self.train_model.no_sync() if d.active and i < len(chunks) - 1 else contextlib.nullcontext()
             with sync:
-                losses = F.cross_entropy(self.train_model(**inputs).logits.float(), labels, reduction="none")
+                losses, _ = self.task.forward(self.train_model, inputs, labels)
                 if _FAULTS.nan_at_step == step + 1:
                     losses = losses * float("nan")
                 (losses.sum() * (d.world / n_step)).backward()
@@ -979,29 +1269,29 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepStats(step_loss, float(grad_norm), n_step, time.perf_counter() - t0)
+        return StepStats(step_loss, float(grad_norm), sum(len(c) for c in chunks), time.perf_counter() - t0)
 
     def evaluate(self) -> dict:
-        """Accuracy and mean loss on the validation rows, each rank taking its slice of every batch."""
+        """Accuracy and mean loss over the validation loss terms, each rank taking its slice of every batch."""
         import torch
-        import torch.nn.functional as F
 
         d, val, bs = self.d, self.p.data.val, self.config.batch_size
         self.model.eval()
-        correct = loss = count = 0.0
+        correct = loss = terms = rows = 0.0
         with torch.no_grad():
             for s in range(0, len(val), bs):
                 idx = split_for_rank(range(s, min(s + bs, len(val))), d.rank, d.world)
                 if not idx:
                     continue
-                inputs, labels = self._batch(val, idx)
-                logits = self.model(**inputs).logits.float()
-                loss += F.cross_entropy(logits, labels, reduction="sum").item()
-                correct += (logits.argmax(-1) == labels).sum().item()
-                count += len(idx)
-        correct, loss, count = _all_reduce([correct, loss, count], d)
+                inputs, labels = self.task.batch(val, idx)
+                losses, right = self.task.forward(self.model, inputs, labels)
+                loss += losses.sum().item()
+                correct += right.sum().item()
+                terms += losses.numel()
+                rows += len(idx)
+        correct, loss, terms, rows = _all_reduce([correct, loss, terms, rows], d)
         self.model.train()
-        return {"val_accuracy": correct / max(count, 1), "val_loss": loss / max(count, 1), "val_size": int(count)}
+        return self.task.metrics(correct, loss, terms, rows)
 
     def checkpoint(self, step: int) -> None:
         """``checkpoints/last`` at ``step`` (with every rank's RNG); refused while a parameter is not finite."""
@@ -1058,8 +1348,7 @@ class Trainer:
         record = {"step": done, "train_loss": round(loss, 6), **metrics, "best": improved}
         self.history.append(record)
         self.log.write({"event": "eval", **record})
-        line = (f"step {done}/{self.schedule.total}: val accuracy {metrics['val_accuracy']:.4f}, val loss "
-                f"{metrics['val_loss']:.4f}{' (best)' if improved else ''}")
+        line = f"step {done}/{self.schedule.total}: {self.task.line(metrics)}{' (best)' if improved else ''}"
         if self.d.main and self.config.progress:
             bar.write(line, file=sys.stderr)
         else:
@@ -1107,13 +1396,15 @@ class Trainer:
         self.log.write({"event": "done", "steps": total, "best_val_accuracy": self.best_acc,
                         "best_step": self.best_step, "samples_per_s": round(sps, 2)})
         best = "-" if self.best_acc is None else f"{self.best_acc:.4f}"
-        self.say(f"done: {total} steps; best val accuracy {best} at step {self.best_step}; adapter in {self.out}")
+        metric = "response-token accuracy" if self.p.data.task == "causal-lm" else "accuracy"
+        self.say(f"done: {total} steps; best val {metric} {best} at step {self.best_step}; adapter in {self.out}")
         return FinetuneResult(
             output_dir=self.out, best_val_accuracy=self.best_acc, best_step=self.best_step, steps=total,
             trainable_params=self.p.trainable, adapter_params=self.p.adapter, head_params=self.p.head,
             method=self.config.method, lily_params=b.lily_params,
             lora_rank=b.lora_rank if self.config.method == "lora" else None, samples_per_s=sps,
             train_seconds=self.train_time, world_size=self.d.world, final_loss=self.last_loss, history=self.history,
+            task=self.p.data.task,
         )
 
     def run(self) -> FinetuneResult:
@@ -1163,9 +1454,12 @@ def finetune(config: Optional[FinetuneConfig] = None, /, **fields: Any) -> Finet
     ``batch_size`` is the global batch of one forward pass (split across DDP ranks); an optimizer
     step takes ``grad_accum`` of them. With ``routing="batch"`` under DDP each rank mixes over its
     local slice only (PEFT semantics per process); ``"sample"`` is batch-invariant.
+    A causal LM (``task="causal-lm"``, or read from the model) learns the responses of JSONL
+    prompt/response rows (or whole ``text`` rows) with ``routing`` prompt (default), causal, token
+    or batch (PEFT's, for comparison); the best step is the one of highest response-token accuracy.
     Takes a :class:`FinetuneConfig`, its fields as keywords, or both (the keywords win).
     """
-    config = FinetuneConfig.resolve(config, **fields)
+    config = resolve_model_fields(FinetuneConfig.resolve(config, **fields))
     out = check_output(config)
     d = init_distributed(config.device)
     say = (config.log or _echo) if d.main else _silent

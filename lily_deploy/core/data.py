@@ -221,3 +221,147 @@ def encode_batch(model, items: Sequence, max_length: int = 128) -> dict:
         raise LilyDeployError("the model has no tokenizer; text data cannot be encoded")
     enc = model.tokenizer(list(items), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     return {k: v for k, v in enc.items() if k in model.input_names}
+
+
+# ---------------------------------------------------------------- causal-LM data: prompts and responses
+PROMPT_FIELD, RESPONSE_FIELD, TEXT_FIELD = "prompt", "response", "text"
+IGNORE_INDEX = -100  # the label of a token the loss skips (prompt, padding): PyTorch's and transformers' value
+
+
+@dataclass
+class PromptTable:
+    """Rows of a causal-LM JSONL file, each a ``prompt`` with its ``response`` (None where the file has none)
+    or a plain ``text`` (prompt and response None); ``lines`` are the file's line numbers, for messages."""
+
+    path: Path
+    prompts: list[Optional[str]]
+    responses: list[Optional[str]]
+    texts: list[Optional[str]]
+    lines: list[int]
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def select(self, rows: Sequence[int]) -> "PromptTable":
+        """The rows ``rows`` (in that order), keeping their line numbers."""
+        prompts, responses, texts, lines = ([values[i] for i in rows]
+                                            for values in (self.prompts, self.responses, self.texts, self.lines))
+        return PromptTable(self.path, prompts, responses, texts, lines)
+
+
+def read_jsonl_objects(path: str | Path, limit: Optional[int] = None) -> list[tuple[int, dict]]:
+    """``(line number, object)`` per non-blank line; a line that is not a JSON object is one line naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise LilyDeployError(f"data file {path} does not exist")
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise LilyDeployError(f"{path}: line {i} is not JSON ({exc.msg})") from None
+                if not isinstance(row, dict):
+                    raise LilyDeployError(f"{path}: line {i} is a JSON {type(row).__name__}, expected an object "
+                                          "like {\"prompt\": ..., \"response\": ...}")
+                rows.append((i, row))
+                if limit and len(rows) >= limit:
+                    break
+    except UnicodeDecodeError:
+        raise LilyDeployError(f"{path}: not UTF-8 text") from None
+    return rows
+
+
+def _string_field(row: dict, name: str, where: str, allow_empty: bool) -> Optional[str]:
+    """``row[name]`` when it is a string (non-empty unless ``allow_empty``); None when absent or null."""
+    value = row.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise LilyDeployError(f"{where}: {name!r} must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise LilyDeployError(f"{where}: {name!r} is empty")
+    return value
+
+
+def read_prompt_table(path: str | Path, require_response: bool = False, limit: Optional[int] = None) -> PromptTable:
+    """Read a JSONL file of ``{"prompt", "response"}`` or ``{"text"}`` objects (causal-LM data).
+
+    The strings are kept as written (a response's leading space is part of it). A line with
+    neither field, with both a prompt and a text, or (``require_response``: training and
+    validation data) a prompt with no response, is one line naming the file and line.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in (".jsonl", ".json"):
+        raise LilyDeployError(f"{path}: causal-LM data is JSONL (.jsonl), one object a line with "
+                              f"{PROMPT_FIELD!r} and {RESPONSE_FIELD!r} fields or a {TEXT_FIELD!r} field")
+    prompts, responses, texts, lines = [], [], [], []
+    for i, row in read_jsonl_objects(path, limit):
+        where = f"{path}: line {i}"
+        prompt = _string_field(row, PROMPT_FIELD, where, allow_empty=False)
+        response = _string_field(row, RESPONSE_FIELD, where, allow_empty=True)
+        text = _string_field(row, TEXT_FIELD, where, allow_empty=False)
+        if prompt is None and text is None:
+            raise LilyDeployError(f"{where} has neither {PROMPT_FIELD!r} (with {RESPONSE_FIELD!r}) nor {TEXT_FIELD!r}"
+                                  f" (keys: {', '.join(map(str, row)) or 'none'})")
+        if prompt is not None and text is not None:
+            raise LilyDeployError(f"{where} has both {PROMPT_FIELD!r} and {TEXT_FIELD!r}; give a prompt with its "
+                                  "response, or a text")
+        if text is not None and response is not None:
+            raise LilyDeployError(f"{where} has a {RESPONSE_FIELD!r} but no {PROMPT_FIELD!r}")
+        if prompt is not None and response is None and require_response:
+            raise LilyDeployError(f"{where} has a {PROMPT_FIELD!r} but no {RESPONSE_FIELD!r} to learn")
+        prompts.append(prompt)
+        responses.append(response)
+        texts.append(text)
+        lines.append(i)
+    if not lines:
+        raise LilyDeployError(f"{path}: no data rows")
+    return PromptTable(path, prompts, responses, texts, lines)
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """A prompt's token ids as training feeds them: with the tokenizer's own special tokens (e.g. BOS)."""
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def lm_example(tokenizer, prompt: Optional[str], response: str, max_length: int) -> tuple[list[int], list[int]]:
+    """``(input ids, labels)`` of one row: prompt + response + EOS, cut to ``max_length`` tokens.
+
+    The prompt's labels are :data:`IGNORE_INDEX` (the loss is on the response); with ``prompt``
+    None, ``response`` is a plain text, tokenized with the special tokens, every token labelled.
+    Prompt and response are tokenized apart so the prompt's ids are those generation starts from.
+    """
+    if prompt is None:
+        head, tail = [], list(tokenizer(response)["input_ids"])
+    else:
+        head, tail = prompt_ids(tokenizer, prompt), list(tokenizer(response, add_special_tokens=False)["input_ids"])
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not tail or tail[-1] != eos):
+        tail.append(eos)
+    ids = (head + tail)[:max_length]
+    labels = ([IGNORE_INDEX] * len(head) + tail)[:max_length]
+    return ids, labels
+
+
+def lm_pad_id(tokenizer) -> Optional[int]:
+    """The id padding uses: the tokenizer's pad token, else its EOS (masked out either way); None if neither."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def lm_batch(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> dict:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (:data:`IGNORE_INDEX` at padding) tensors."""
+    import torch
+
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for row, (tokens, targets) in enumerate(examples):
+        ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        mask[row, :len(tokens)] = 1
+        labels[row, :len(targets)] = torch.tensor(targets, dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

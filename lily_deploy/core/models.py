@@ -139,6 +139,10 @@ def load_base(
         raise LilyDeployError(f"base model {spec}: cannot read config.json ({exc})") from None
     task = task or hf_task(config)
     kwargs: dict[str, Any] = {}
+    if task == "causal-lm" and getattr(config, "is_decoder", True) is False \
+            and not getattr(config, "is_encoder_decoder", False):
+        config.is_decoder = True  # an encoder (BERT) as a causal LM: causal attention, a KV cache
+        kwargs["config"] = config
     if task in ("seq-cls", "image-cls") and num_labels is not None:
         kwargs["num_labels"] = num_labels
         if labels is not None and len(labels) == num_labels:
