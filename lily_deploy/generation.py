@@ -181,10 +181,13 @@ def open_decoder(config: GenerateConfig):
     if config.backend == "onnxruntime":
         if kind != "onnx":
             raise ConfigError("backend", f"onnxruntime runs an exported decoder (.onnx), not {config.model}")
+        from .calib.readers import resolve_tokenizer
         from .runtime.decoder_ort import OrtDecoder
+        from .runtime.onnx_io import metadata_value
 
         decoder = OrtDecoder(config.model, allow_inconsistent_routing=config.allow_inconsistent_routing)
-        return decoder, decoder.load_tokenizer(config.tokenizer)
+        base = metadata_value(decoder.meta, "lily_deploy.base_model")
+        return decoder, resolve_tokenizer(config.tokenizer, None, base, str(config.model)).tokenizer
     if kind != "torch":
         raise ConfigError("backend", f"{config.model} is an exported model: run it with backend onnxruntime")
     from .core.deploy import open_model

@@ -24,7 +24,9 @@ from .core.deploy import open_model
 from .core.errors import LilyDeployError
 from .core.fileio import check_not_input, check_output_parent, sha256_dir
 from .core.models import TASKS
-from .core.modes import DYNAMIC_MODES
+from .core.modes import DYNAMIC_MODES, STATE_MODES
+
+EXPORT_MODES = DYNAMIC_MODES + STATE_MODES  # static layers are folded, not routed
 from .runtime.onnx_io import set_metadata, staged_onnx
 
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -61,7 +63,7 @@ class ExportConfig(StageConfig):
 
     source: str | Path
     output: str | Path
-    routing: str = "sample"
+    routing: Optional[str] = None  # encoders: sample; decoders: the routing the adapter was trained with
     ops: str = "custom"
     opset: int = DEFAULT_OPSET
     dynamic: Sequence[str] = AXES
@@ -74,6 +76,8 @@ class ExportConfig(StageConfig):
     keep_on_failure: bool = False
     base: Optional[str] = None
     text_column: Optional[str] = None
+    cache: bool = True  # decoders: KV cache and routing state as inputs/outputs (False: a plain logits graph)
+    allow_inconsistent_routing: bool = False  # decoders: export batch/sample routing under a cache anyway
 
     def __post_init__(self) -> None:
         dynamic = self.dynamic.split(",") if isinstance(self.dynamic, str) else (self.dynamic or ())
@@ -82,7 +86,7 @@ class ExportConfig(StageConfig):
         super().__post_init__()
 
     def validate(self) -> None:
-        check_choice("routing", self.routing, DYNAMIC_MODES)
+        check_choice("routing", self.routing, EXPORT_MODES, allow_none=True)
         check_choice("ops", self.ops, OPS)
         check_number("opset", self.opset, integer=True)
         if self.opset < MIN_OPSET:
@@ -124,14 +128,19 @@ class ExportResult:
     folded_layers: int
     comparisons: list[Comparison] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    tokens_match: bool = True  # decoders: greedy tokens on onnxruntime == torch
+    tokens_checked: str = ""  # decoders: what was generated to compare tokens
 
     @property
     def passed(self) -> bool:
-        return all(self.comparisons)
+        return all(self.comparisons) and self.tokens_match
 
     def table(self) -> str:
         lines = [f"validation: onnxruntime vs torch ({'PASSED' if self.passed else 'FAILED'})"]
         lines += [c.row() for c in self.comparisons]
+        if self.tokens_checked:
+            lines.append(f"  greedy tokens: {'identical to torch' if self.tokens_match else 'DIFFER from torch'} "
+                         f"({self.tokens_checked})")
         return "\n".join(lines)
 
 
@@ -313,12 +322,14 @@ def export_onnx(config: Optional[ExportConfig] = None, /, **fields) -> ExportRes
     """
     config = ExportConfig.resolve(config, **fields)
     output = _check_paths(config)
-    deploy, notes = _prepare_model(config)
+    deploy, notes, routing = _prepare_model(config)
+    if deploy.task == "causal-lm" and config.cache:
+        return _export_decoder(config, deploy, notes, routing, output)
     validation_batches = _validation_batches(config, deploy)
     trace_inputs = example_inputs(deploy, None, batch_size=2, seed=0)
-    model = _build_graph(config, deploy, trace_inputs)
+    model = _build_graph(config, deploy, trace_inputs, routing)
 
-    result = ExportResult(output, config.routing, config.ops, len(deploy.layers), len(deploy.folded), notes=notes)
+    result = ExportResult(output, routing, config.ops, len(deploy.layers), len(deploy.folded), notes=notes)
     with staged_onnx(output) as staged:
         staged.write(model, config.external_data)
         if config.validation:
@@ -326,6 +337,51 @@ def export_onnx(config: Optional[ExportConfig] = None, /, **fields) -> ExportRes
         if result.passed or config.keep_on_failure:
             staged.commit()
     return result
+
+
+def _export_decoder(config: ExportConfig, deploy, notes: list, routing: str, output: Path) -> ExportResult:
+    """A decoder with its KV cache and routing state, validated by greedy generation against torch."""
+    import onnx
+
+    from .decoder_export import decoder_metadata, trace_decoder, validate_decoder
+
+    model = trace_decoder(deploy, config.opset, config.ops)
+    meta = _metadata(config, deploy, {}, routing)
+    meta.update(decoder_metadata(deploy))
+    meta["lily_deploy.inputs"] = [i.name for i in model.graph.input]
+    set_metadata(model, meta)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise LilyDeployError(f"exported decoder graph fails onnx.checker: {str(exc).splitlines()[0]}") from None
+    result = ExportResult(output, routing, config.ops, len(deploy.layers), len(deploy.folded), notes=notes)
+    with staged_onnx(output) as staged:
+        staged.write(model, config.external_data)
+        if config.validation:
+            atol = dict(config.atol).get(OUTPUT_NAME, dict(config.atol).get("*", DEFAULT_ATOL))
+            result.comparisons, token_notes, result.tokens_checked = validate_decoder(deploy, staged.path, atol)
+            result.notes.extend(token_notes)
+            result.tokens_match = not token_notes
+        if result.passed or config.keep_on_failure:
+            staged.commit()
+    return result
+
+
+def resolve_routing(config: ExportConfig, deploy) -> str:
+    """The routing to export: the config's, or (encoders) sample, or (decoders) the routing it was trained with."""
+    from .runtime.decoder import check_cache_consistent, routing_modes
+
+    if deploy.task != "causal-lm":
+        routing = config.routing or "sample"
+        if routing not in DYNAMIC_MODES:
+            raise ConfigError("routing", f"{routing} routing is for decoders; an encoder routes by "
+                                         f"{', '.join(DYNAMIC_MODES)}")
+        return routing
+    trained = routing_modes(deploy)
+    routing = config.routing or (trained.pop() if len(trained) == 1 else "prompt")
+    if config.cache:
+        check_cache_consistent({routing}, str(config.source), config.allow_inconsistent_routing)
+    return routing
 
 
 def _check_paths(config: ExportConfig) -> Path:
@@ -345,7 +401,8 @@ def _prepare_model(config: ExportConfig):
     if config.task is not None and config.task != deploy.task:
         raise ConfigError("task", f"{config.task}: the model is a {deploy.task} model")
     deploy = copy.deepcopy(deploy) if deploy.layers else deploy
-    deploy.set_routing(config.routing)
+    routing = resolve_routing(config, deploy)
+    deploy.set_routing(routing)
     notes = []
     fold_static_layers(deploy)
     if not deploy.layers and not deploy.folded:
@@ -353,7 +410,7 @@ def _prepare_model(config: ExportConfig):
     elif not deploy.layers:
         notes.append("every Lily layer is folded: exported as a plain model (no lily::HPMix nodes)")
     deploy.eval()
-    return deploy, notes
+    return deploy, notes, routing
 
 
 def _validation_batches(config: ExportConfig, deploy) -> list[tuple[str, dict]]:
@@ -371,12 +428,12 @@ def _validation_batches(config: ExportConfig, deploy) -> list[tuple[str, dict]]:
     return [(f"batch {bs}", example_inputs(deploy, texts, batch_size=bs, seed=bs)) for bs in (1, 4)]
 
 
-def _build_graph(config: ExportConfig, deploy, trace_inputs: dict):
+def _build_graph(config: ExportConfig, deploy, trace_inputs: dict, routing: str):
     """The traced graph with its provenance metadata, checked by onnx.checker and for one HPMix per layer."""
     import onnx
 
     model = _trace(deploy, trace_inputs, config.dynamic, config.opset, config.ops)
-    set_metadata(model, _metadata(config, deploy, trace_inputs))
+    set_metadata(model, _metadata(config, deploy, trace_inputs, routing))
     try:
         onnx.checker.check_model(model, full_check=True)
     except onnx.checker.ValidationError as exc:
@@ -387,12 +444,12 @@ def _build_graph(config: ExportConfig, deploy, trace_inputs: dict):
     return model
 
 
-def _metadata(config: ExportConfig, deploy, trace_inputs: dict) -> dict:
+def _metadata(config: ExportConfig, deploy, trace_inputs: dict, routing: str) -> dict:
     """What later stages (quantize, build-trt, parity) read back from the graph: routing, task, labels, hashes."""
     n_dynamic = len(deploy.layers)
     return {
         "lily_deploy.version": __import__("lily_deploy").__version__,
-        "lily_deploy.routing": config.routing if n_dynamic else "none",
+        "lily_deploy.routing": routing if n_dynamic else "none",
         "lily_deploy.ops": config.ops,
         "lily_deploy.task": deploy.task,
         "lily_deploy.inputs": list(trace_inputs),

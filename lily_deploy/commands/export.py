@@ -4,14 +4,16 @@ import click
 from .options import base_option, make_config, parse_tolerances, usage_errors
 
 # ExportConfig field -> flag, where the flag is not --field-name
-FLAGS = {"source": "MODEL", "output": "-o", "validation": "--no-validate", "inputs_npz": "--inputs"}
+FLAGS = {"source": "MODEL", "output": "-o", "validation": "--no-validate", "inputs_npz": "--inputs",
+         "cache": "--no-cache"}
 
 
 @click.command("export")
 @click.argument("model", type=str)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
-@click.option("--routing", type=click.Choice(["batch", "sample", "token"]), default="sample", show_default=True,
-              help="Routing of dynamic layers; sample is batch- and padding-invariant.")
+@click.option("--routing", type=click.Choice(["batch", "sample", "token", "prompt", "causal"]), default=None,
+              help="Routing of dynamic layers. Encoders: batch, sample (default: batch- and padding-invariant) or "
+                   "token. Decoders: prompt, causal or token, exact under a KV cache (default: as trained).")
 @click.option("--ops", type=click.Choice(["custom", "standard"]), default="custom", show_default=True,
               help="custom: lily::HPMix nodes with function bodies; standard: the bodies inlined.")
 @click.option("--opset", type=int, default=20, show_default=True, help="ONNX opset (18 or newer).")
@@ -26,15 +28,20 @@ FLAGS = {"source": "MODEL", "output": "-o", "validation": "--no-validate", "inpu
               help="Validate on these inputs (.npz with one array per model input).")
 @click.option("--text-column", default=None, help="Text column of --data.")
 @click.option("--keep-on-failure", is_flag=True, help="Write the file even when validation fails.")
+@click.option("--no-cache", is_flag=True, help="Decoders: a plain logits graph without the KV cache.")
+@click.option("--allow-inconsistent-routing", is_flag=True,
+              help="Decoders: export batch or sample routing with a cache anyway (for comparison only).")
 @base_option
 def command(model, output, routing, ops, opset, dynamic, external_data, task, no_validate, atol, data,
-            inputs_npz, text_column, keep_on_failure, base):
+            inputs_npz, text_column, keep_on_failure, no_cache, allow_inconsistent_routing, base):
     """Export MODEL (adapter folder, deploy checkpoint, or base model) to ONNX and validate it.
 
     \b
-    Inputs:  input_ids, attention_mask[, token_type_ids]  (int64, [batch, sequence])
-             or pixel_values (float, [batch, 3, H, W])
-    Output:  logits
+    Encoders:  input_ids, attention_mask[, token_type_ids]  (int64, [batch, sequence])
+               or pixel_values (float, [batch, 3, H, W])  ->  logits
+    Decoders:  input_ids, attention_mask, position_ids, past_key_values.N.key/value,
+               past_routing.N  ->  logits, present.N.key/value, present_routing.N
+               (one graph for prefill and decode; validated by greedy generation vs torch)
     """
     from ..core.errors import LilyDeployError
     from ..onnx_export import ExportConfig, export_onnx
@@ -42,7 +49,8 @@ def command(model, output, routing, ops, opset, dynamic, external_data, task, no
     config = make_config(ExportConfig, flags=FLAGS, source=model, output=output, routing=routing, ops=ops,
                          opset=opset, dynamic=dynamic, external_data=external_data, task=task,
                          validation=not no_validate, atol=parse_tolerances(atol, "--atol"), data=data,
-                         inputs_npz=inputs_npz, keep_on_failure=keep_on_failure, base=base, text_column=text_column)
+                         inputs_npz=inputs_npz, keep_on_failure=keep_on_failure, base=base, text_column=text_column,
+                         cache=not no_cache, allow_inconsistent_routing=allow_inconsistent_routing)
     with usage_errors(FLAGS):
         result = export_onnx(config)
     for note in result.notes:

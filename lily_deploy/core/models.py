@@ -105,6 +105,18 @@ def untrusted_pickle(what: str, path: Path) -> str:
             "save_pretrained(..., safe_serialization=True) in a sandbox, and point lily-deploy at the result")
 
 
+def forward_with_cache(model, cache, **inputs):
+    """``(outputs, new cache)`` of a causal LM step; transformers 5 names the cache ``cache``, older ones
+    ``past_key_values``."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    key = "cache" if "cache" in params else "past_key_values"
+    out = model(**inputs, **{key: cache}, use_cache=True)
+    new = getattr(out, "cache", None)
+    return out, (new if new is not None else out.past_key_values)
+
+
 def quiet_transformers():
     import transformers
 

@@ -15,6 +15,7 @@ from typing import Any, Optional, Protocol
 import numpy as np
 
 from ..core.errors import LilyDeployError
+from ..core.models import forward_with_cache
 from ..core.modes import CACHE_INCONSISTENT, STATE_MODES
 
 
@@ -87,12 +88,12 @@ class TorchDecoder:
         ctx.past, ctx.present = dict(cache.routing), {}
         try:
             with torch.inference_mode():
-                out = self.model.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                                       past_key_values=cache.kv, use_cache=True)
+                out, kv = forward_with_cache(self.model.model, cache.kv, input_ids=ids, attention_mask=mask,
+                                             position_ids=pos)
             routing = {k: v for k, v in ctx.present.items()}
         finally:
             ctx.mask, ctx.prompt_mask, ctx.past, ctx.present = None, None, {}, {}
-        return out.logits.float().numpy(), DecoderCache(out.past_key_values, routing, cache.length + ids.shape[1])
+        return out.logits.float().numpy(), DecoderCache(kv, routing, cache.length + ids.shape[1])
 
 
 def state_layers(model) -> list[str]:
