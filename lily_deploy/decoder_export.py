@@ -18,7 +18,8 @@ from torch import nn
 from .converters.hpmix import attach_function_bodies, hpmix_nodes, onnx_translation
 from .core.errors import LilyDeployError
 from .core.models import forward_with_cache
-from .runtime.decoder import state_layers
+from .core.modes import CACHE_INCONSISTENT
+from .runtime.decoder import routing_modes, state_layers
 
 VALIDATION_PROMPTS = ["the film was", "a long , slow and rather dull evening at the cinema , but", "great",
                       "i wanted to like it"]
@@ -146,7 +147,13 @@ def validate_decoder(deploy, onnx_path, atol: float, new_tokens: int = 6, prompt
     _, pad = special_ids(deploy.tokenizer)
     ids = [prompt_ids(deploy.tokenizer, p) for p in (list(prompts) or VALIDATION_PROMPTS)]
     rows, notes = [], []
-    for label, batch in (("batch 1", ids[:1]), (f"batch {len(ids)} (left-padded)", ids)):
+    cases = [("batch 1", ids[:1]), (f"batch {len(ids)} (left-padded)", ids)]
+    if routing_modes(deploy) & set(CACHE_INCONSISTENT):
+        # their mixing vector averages padding rows too, whose hidden states each runtime may compute
+        # differently (they are masked out of attention): only an unpadded batch has one right answer
+        notes.append("batch/sample routing averages over padding: validated on an unpadded batch only")
+        cases = cases[:1]
+    for label, batch in cases:
         ref_tokens, ref_steps = decode(reference, batch, new_tokens, None, pad, record_logits=True)
         got_tokens, got_steps = decode(candidate, batch, new_tokens, None, pad, record_logits=True)
         for kind, steps in (("prefill", slice(0, 1)), ("decode", slice(1, None))):
@@ -160,4 +167,6 @@ def validate_decoder(deploy, onnx_path, atol: float, new_tokens: int = 6, prompt
             rows.append(Comparison(OUTPUT_NAME, f"{label}, {kind}", worst, rel, agree, atol))
         if got_tokens != ref_tokens:
             notes.append(f"{label}: greedy tokens differ from torch ({got_tokens} vs {ref_tokens})")
-    return rows, notes, f"{len(ids)} prompts x {new_tokens} new tokens, alone and as a left-padded batch"
+    return rows, [n for n in notes if "differ" in n], \
+        f"{len(ids)} prompts x {new_tokens} new tokens, " + ("alone and as a left-padded batch" if len(cases) > 1
+                                                             else "one unpadded prompt: " + notes[0])

@@ -299,6 +299,47 @@ def resolve_profiles(inputs: list[TensorSpec], shapes: Sequence[str] = (), min_s
     return profiles
 
 
+DECODER_RANGES = {"batch": (1, 32), "context": 512}  # default decoder profiles: batch, longest sequence
+
+
+def is_decoder_graph(inputs: list[TensorSpec]) -> bool:
+    """A graph exported with a KV cache (``past_key_values.*`` inputs)."""
+    return any(t.name.startswith("past_key_values.") for t in inputs)
+
+
+def decoder_profiles(inputs: list[TensorSpec]) -> list[Profile]:
+    """Two profiles for a cached decoder: prefill (a prompt, empty past) and decode (one token, a past).
+
+    The exported axes are named ``batch``, ``sequence`` (new tokens), ``past_sequence`` and
+    ``total_sequence`` (past + new, the attention mask's length).
+    """
+    lo, hi = DECODER_RANGES["batch"]
+    ctx = DECODER_RANGES["context"]
+    batch = (lo, (lo + hi) // 2, hi)
+    phases = {
+        "prefill": {"batch": batch, "sequence": (1, ctx // 4, ctx), "past_sequence": (0, 0, 0),
+                    "total_sequence": (1, ctx // 4, ctx)},
+        "decode": {"batch": batch, "sequence": (1, 1, 1), "past_sequence": (1, ctx // 2, ctx - 1),
+                   "total_sequence": (2, ctx // 2 + 1, ctx)},
+    }
+    profiles = []
+    for phase, dims in phases.items():
+        shapes = {}
+        for t in inputs:
+            axes = []
+            for axis, w in enumerate(t.dims):
+                if isinstance(w, int):
+                    axes.append((w, w, w))
+                elif w in dims:
+                    axes.append(dims[w])
+                else:
+                    raise ConfigError("shapes", f"input {t.name} axis {axis} ({w or 'unnamed'}) has no default "
+                                                f"{phase} range: give the profiles with min_shapes/opt_shapes/max_shapes")
+            shapes[t.name] = tuple(tuple(a[j] for a in axes) for j in range(3))
+        profiles.append(Profile(shapes))
+    return profiles
+
+
 def _check_specs(group: ShapeGroup, fields: Sequence[str], by_name: dict[str, TensorSpec]) -> None:
     """Every given shape names an input of the ONNX, with its rank and its fixed dims."""
     for spec, field_name in zip(group, fields):
@@ -656,7 +697,11 @@ def _plan(config: BuildConfig) -> _Plan:
     model = load_onnx(config.onnx_path)
     _check_outputs(config, model)
     inputs, outputs = onnx_io(model)
-    profiles = resolve_profiles(inputs, config.shapes, config.min_shapes, config.opt_shapes, config.max_shapes)
+    given = config.shapes or config.min_shapes or config.opt_shapes or config.max_shapes
+    if not given and is_decoder_graph(inputs):
+        profiles = decoder_profiles(inputs)
+    else:
+        profiles = resolve_profiles(inputs, config.shapes, config.min_shapes, config.opt_shapes, config.max_shapes)
     be = load_backend(config.backend)
     gpu = _gpu_info()
     targets, notes = _resolve_targets(config, be, gpu)

@@ -63,8 +63,12 @@ class LilyDeployModel(nn.Module):
     def input_names(self) -> list[str]:
         if self.task == "image-cls":
             return ["pixel_values"]
+        import inspect
+
         names = ["input_ids", "attention_mask"]
-        if self.tokenizer is not None and "token_type_ids" in self.tokenizer.model_input_names:
+        takes = inspect.signature(self.model.forward).parameters
+        if self.tokenizer is not None and "token_type_ids" in self.tokenizer.model_input_names \
+                and "token_type_ids" in takes:  # a Llama with a BERT tokenizer takes no token types
             names.append("token_type_ids")
         return names
 
