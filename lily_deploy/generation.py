@@ -230,7 +230,8 @@ def generate(config: Optional[GenerateConfig] = None, /, on_token: Optional[Call
              **fields) -> GenerationResult:
     """Generate a continuation for every prompt, in batches of ``batch_size`` (left-padded).
 
-    ``on_token(prompt_index, token_id, text_piece)`` streams tokens as they are picked.
+    ``on_token(prompt_index, token_id, new_text)`` streams tokens as they are picked (``new_text``: what
+    the token adds to the decoded continuation).
     """
     config = GenerateConfig.resolve(config, **fields)
     prompts = list(config.prompts) + (read_prompts(config.prompts_file) if config.prompts_file else [])
@@ -250,7 +251,17 @@ def generate(config: Optional[GenerateConfig] = None, /, on_token: Optional[Call
 
 
 def _streamer(on_token, tokenizer, offset: int):
-    return lambda row, tok: on_token(offset + row, tok, tokenizer.decode([tok]))
+    """Call ``on_token`` with the text each token adds (decoding the whole continuation, so sub-words join)."""
+    tokens: dict[int, list[int]] = {}
+    texts: dict[int, str] = {}
+
+    def call(row, tok):
+        tokens.setdefault(row, []).append(tok)
+        text = tokenizer.decode(tokens[row], skip_special_tokens=True)
+        on_token(offset + row, tok, text[len(texts.get(row, "")):])
+        texts[row] = text
+
+    return call
 
 
 def to_jsonl(result: GenerationResult) -> str:

@@ -45,17 +45,8 @@ def command(model, prompts, prompts_file, max_new_tokens, backend, batch_size, r
                          max_new_tokens=max_new_tokens, backend=backend, batch_size=batch_size, routing=routing,
                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, base=base,
                          tokenizer=tokenizer, allow_inconsistent_routing=allow_inconsistent_routing)
-    stream = None
-    if not as_json and len(prompts) == 1 and not prompts_file:  # one prompt: stream its tokens as they come
-        started = []
-
-        def stream(index, token, piece):
-            if not started:
-                started.append(True)
-                sys.stdout.write(prompts[0])
-            sys.stdout.write(piece if piece.startswith(("'", ",", ".", "!", "?")) else " " + piece)
-            sys.stdout.flush()
-
+    one_prompt = not as_json and len(prompts) == 1 and not prompts_file
+    stream = _streamer(prompts[0]) if one_prompt else None  # one prompt: its tokens as they come
     with usage_errors(FLAGS):
         result = generate(config, on_token=stream)
     if as_json:
@@ -66,3 +57,17 @@ def command(model, prompts, prompts_file, max_new_tokens, backend, batch_size, r
     else:
         for row in result.rows:
             click.echo(f"{row.prompt}{'' if row.text.startswith(' ') else ' '}{row.text}")
+
+
+def _streamer(prompt: str):
+    """Print the prompt, then each token as it is generated."""
+    started = []
+
+    def on_token(index, token, new_text):
+        if not started:
+            started.append(True)
+            sys.stdout.write(prompt + " ")
+        sys.stdout.write(new_text)
+        sys.stdout.flush()
+
+    return on_token
