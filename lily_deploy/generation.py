@@ -19,7 +19,7 @@ from .core.config import ConfigError, StageConfig, as_tuple, check_choice, check
 from .core.errors import LilyDeployError
 from .core.modes import MODES
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -178,18 +178,24 @@ def open_decoder(config: GenerateConfig):
     from .runtime import kind_of
 
     kind = kind_of(config.model)
-    if config.backend == "onnxruntime":
-        if kind != "onnx":
-            raise ConfigError("backend", f"onnxruntime runs an exported decoder (.onnx), not {config.model}")
+    wanted = {"onnxruntime": "onnx", "tensorrt": "engine"}.get(config.backend)
+    if wanted is not None:
+        if kind != wanted:
+            what = "an exported decoder (.onnx)" if wanted == "onnx" else "a decoder engine (.plan)"
+            raise ConfigError("backend", f"{config.backend} runs {what}, not {config.model}")
         from .calib.readers import resolve_tokenizer
-        from .runtime.decoder_ort import OrtDecoder
         from .runtime.onnx_io import metadata_value
 
-        decoder = OrtDecoder(config.model, allow_inconsistent_routing=config.allow_inconsistent_routing)
+        if wanted == "onnx":
+            from .runtime.decoder_ort import OrtDecoder as Graph
+        else:
+            from .runtime.decoder_trt import TrtDecoder as Graph
+        decoder = Graph(config.model, allow_inconsistent_routing=config.allow_inconsistent_routing)
         base = metadata_value(decoder.meta, "lily_deploy.base_model")
         return decoder, resolve_tokenizer(config.tokenizer, None, base, str(config.model)).tokenizer
     if kind != "torch":
-        raise ConfigError("backend", f"{config.model} is an exported model: run it with backend onnxruntime")
+        raise ConfigError("backend", f"{config.model} is an exported model: run it with backend "
+                                     f"{'onnxruntime' if kind == 'onnx' else 'tensorrt'}")
     from .core.deploy import open_model
     from .runtime.decoder import TorchDecoder
 

@@ -984,7 +984,8 @@ def _report_data(plan: _Plan, network, seconds: float, cache_info: Optional[dict
     return {
         "engine": {"path": str(engine), "bytes": engine.stat().st_size, "sha256": sha256_file(engine)},
         "onnx": {"path": str(onnx_path), "sha256": sha256_file(onnx_path),
-                 "routing": meta.get("lily_deploy.routing"), "ops": meta.get("lily_deploy.ops")},
+                 "routing": meta.get("lily_deploy.routing"), "ops": meta.get("lily_deploy.ops"),
+                 "task": meta.get("lily_deploy.task"), "base_model": meta.get("lily_deploy.base_model")},
         "backend": {"name": be.name, "module": MODULES[be.name], "version": be.version,
                     "onnx_parser": _parser_version(be.trt)},
         "target": {"compute_capabilities": targets, "build_gpu": gpu, "ahead_of_time": bool(be.rtx and gpu is None)},

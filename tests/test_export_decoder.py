@@ -114,3 +114,26 @@ def test_decoder_graph_builds_with_tensorrt_for_rtx(llama_adapter, tmp_path):
     assert (tmp_path / "d.plan").is_file() and report.data["engine"]["bytes"] > 10_000
     profiles = report.data["profiles"]
     assert len(profiles) >= 2  # one for prefill (past 0), one for decode (one new token)
+
+
+@pytest.mark.gpu
+def test_tensorrt_decoder_generates_what_torch_generates(llama_adapter, tmp_path, prompts):
+    """On a GPU TensorRT supports: the engine of a decoder graph decodes like torch (prefill and decode profiles)."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU here: running an engine needs one")
+    from lily_deploy.runtime.decoder_trt import TrtDecoder
+    from lily_deploy.trt_build import build_engine
+
+    export_onnx(source=llama_adapter, output=tmp_path / "d.onnx", routing="prompt")
+    try:
+        build_engine(onnx_path=tmp_path / "d.onnx", output=tmp_path / "d.plan", compute_capabilities=["current"],
+                     progress=False)
+    except Exception as exc:  # e.g. TensorRT for RTX on Hopper, or no TensorRT installed
+        pytest.skip(f"no TensorRT that builds for this GPU: {exc}")
+    model = load_model(llama_adapter, mode="prompt")
+    ids = [prompt_ids(model.tokenizer, p) for p in prompts[:8]]
+    ref, ref_steps = decode(TorchDecoder(model), ids, 16, None, 0, record_logits=True)
+    got, got_steps = decode(TrtDecoder(tmp_path / "d.plan"), ids, 16, None, 0, record_logits=True)
+    assert got == ref
+    assert max(np.abs(g - r).max() for g, r in zip(got_steps, ref_steps)) < 1e-3

@@ -15,8 +15,9 @@ FLAGS = {"prompts": "--prompt", "prompts_file": "--prompts", "model": "MODEL"}
 @click.option("--prompts", "prompts_file", type=click.Path(), default=None,
               help="JSONL of prompts: one object per line with a 'prompt' field.")
 @click.option("--max-new-tokens", default=32, show_default=True, help="Tokens to generate per prompt.")
-@click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default=None,
-              help="torch for an adapter or checkpoint, onnxruntime for an exported decoder (default: by MODEL).")
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default=None,
+              help="torch for an adapter or checkpoint, onnxruntime for an exported decoder, tensorrt for its "
+                   "engine (GPU) (default: by MODEL).")
 @click.option("--batch-size", default=8, show_default=True, help="Prompts per batch (left-padded).")
 @click.option("--routing", default=None, help="torch: route the adapter's layers by prompt, causal or token "
                                               "(default: as trained).")
@@ -31,7 +32,7 @@ FLAGS = {"prompts": "--prompt", "prompts_file": "--prompts", "model": "MODEL"}
 @base_option
 def command(model, prompts, prompts_file, max_new_tokens, backend, batch_size, routing, temperature, top_k, top_p,
             seed, tokenizer, allow_inconsistent_routing, as_json, base):
-    """Generate text from MODEL (adapter folder, deploy checkpoint, or exported decoder .onnx) with a KV cache.
+    """Generate text from MODEL (adapter folder, deploy checkpoint, exported decoder .onnx or its engine .plan).
 
     Greedy by default; prompts are batched with left padding. Routing must be exact under a
     cache (prompt, causal or token): batch and sample routing are refused unless
@@ -40,7 +41,7 @@ def command(model, prompts, prompts_file, max_new_tokens, backend, batch_size, r
     from ..generation import GenerateConfig, generate
     from ..runtime import kind_of
 
-    backend = backend or ("onnxruntime" if kind_of(model) == "onnx" else "torch")
+    backend = backend or {"onnx": "onnxruntime", "engine": "tensorrt"}.get(kind_of(model), "torch")
     config = make_config(GenerateConfig, flags=FLAGS, model=model, prompts=prompts, prompts_file=prompts_file,
                          max_new_tokens=max_new_tokens, backend=backend, batch_size=batch_size, routing=routing,
                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, base=base,
