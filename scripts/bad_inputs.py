@@ -87,12 +87,13 @@ def cases() -> list[Case]:
     add("build-trt -o the input's .data", lambda w: ["build-trt", w / M, "-o", w / "model.onnx.data"],
         setup=lambda w: (w / "model.onnx.data").write_bytes(b"d"))
     add("export -o a file inside the adapter", lambda w: ["export", w / A, "-o", w / A / "adapter_model.safetensors"])
-    add("export -o the adapter folder", lambda w: ["export", w / A, "-o", w / A])
+    add("export -o the adapter folder", lambda w: ["export", w / A, "-o", w / A], expect=(1, 2))
     add("quantize -o the input", lambda w: ["quantize", w / M, "--fp16", "--val", w / D, "-o", w / M])
     add("fold -o the adapter folder", lambda w: ["fold", w / A, "--random-inputs", "-o", w / A])
     add("fold -o inside the adapter", lambda w: ["fold", w / A, "--random-inputs", "-o", w / A / "ckpt"],
         outputs=lambda w: [w / A / "ckpt"])
-    add("quickstart -o the training file", lambda w: ["quickstart", "--train", w / D, "--val", w / D, "-o", w / D])
+    add("quickstart -o the training file", lambda w: ["quickstart", "--train", w / D, "--val", w / D, "-o", w / D],
+        expect=(1, 2))
     # -- verdicts without evidence --
     add("parity with only a random-bytes .plan", lambda w: ["parity", "--reference", w / A, "--candidate", w / "x.plan",
                                                             "--data", w / D],
