@@ -288,6 +288,22 @@ def check_input_shapes(deploy, inputs: dict, where: str) -> None:
             raise LilyDeployError(f"{where}: {name} has shape {list(t.shape)}, input_ids has {list(ref.shape)}")
         if t.dtype.is_floating_point:
             raise LilyDeployError(f"{where}: {name} must hold integers, got {t.dtype}")
+    _check_id_ranges(deploy, inputs, where)
+
+
+def _check_id_ranges(deploy, inputs: dict, where: str) -> None:
+    """Token ids (and token types) the model can embed: an id past its vocabulary is the file's fault."""
+    cfg = getattr(deploy.model, "config", None)
+    limits = {"input_ids": getattr(cfg, "vocab_size", None), "token_type_ids": getattr(cfg, "type_vocab_size", None),
+              "attention_mask": 2}
+    for name, limit in limits.items():
+        t = inputs.get(name)
+        if t is None or not t.numel() or not limit:
+            continue
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= limit:
+            bad = lo if lo < 0 else hi
+            raise LilyDeployError(f"{where}: {name} holds {bad}, outside the model's range 0..{limit - 1}")
 
 
 def compare(deploy, onnx_path: Path, batches: list[tuple[str, dict]], atol: dict[str, float]) -> list[Comparison]:
@@ -402,7 +418,10 @@ def _prepare_model(config: ExportConfig):
         raise ConfigError("task", f"{config.task}: the model is a {deploy.task} model")
     deploy = copy.deepcopy(deploy) if deploy.layers else deploy
     routing = resolve_routing(config, deploy)
-    deploy.set_routing(routing)
+    if deploy.layers:
+        deploy.set_routing(routing)
+    else:  # nothing routes: say so rather than name a default that applies to nothing
+        routing = "none"
     notes = []
     fold_static_layers(deploy)
     if not deploy.layers and not deploy.folded:

@@ -9,7 +9,7 @@ from .options import base_option
 @click.command("inspect")
 @click.argument("model_dir", type=click.Path(file_okay=False))
 @click.option("--data", type=click.Path(), default=None, help="Data file for router statistics.")
-@click.option("--size", default=256, show_default=True, help="Rows of --data to use.")
+@click.option("--size", default=256, show_default=True, type=click.IntRange(min=1), help="Rows of --data to use.")
 @click.option("--text-column", default=None, help="Text column of --data (default: text or sentence).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
 @base_option
