@@ -1046,9 +1046,26 @@ _FAULTS = _Faults()
 class RunLog:
     """``train_log.jsonl``: one JSON record a line, written by the main process (a resumed run appends)."""
 
-    def __init__(self, path: Path, enabled: bool) -> None:
+    def __init__(self, path: Path, enabled: bool, resume_step: Optional[int] = None) -> None:
         self.path = path
+        if enabled and resume_step is not None and path.is_file():
+            self._truncate(resume_step)
         self._file = open(path, "a", encoding="utf-8") if enabled else None
+
+    def _truncate(self, step: int) -> None:
+        """Drop the records of steps after the checkpoint a run resumes from: they are run again."""
+        from .core.fileio import atomic_file
+
+        kept = []
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by the kill that made this resume necessary
+            if not isinstance(record, dict) or record.get("event") or int(record.get("step", 0)) <= step:
+                kept.append(line)
+        with atomic_file(self.path) as tmp:
+            tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
 
     def write(self, record: dict) -> None:
         if self._file is not None:
@@ -1223,7 +1240,7 @@ class Trainer:
         if d.main:
             self.out.mkdir(exist_ok=True)
         _barrier(d)
-        self.log = RunLog(self.out / LOG_FILE, d.main)
+        self.log = RunLog(self.out / LOG_FILE, d.main, self.start if c.resume else None)
         if c.resume:
             self.log.write({"event": "resume", "step": self.start})
         else:

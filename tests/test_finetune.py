@@ -260,6 +260,8 @@ def test_resume_after_kill_matches_uninterrupted(tiny_roberta_dir, toy, tmp_path
     log = [json.loads(line) for line in (killed / "train_log.jsonl").read_text().splitlines()]
     resumed = [r["loss"] for r in log[log.index({"event": "resume", "step": 4}):] if "loss" in r and "event" not in r]
     assert resumed == pytest.approx(_losses(tmp_path / "clean")[4:], abs=1e-6)
+    steps = [r["step"] for r in log if "loss" in r and "event" not in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 8  # the steps after the checkpoint are not logged twice
     assert json.loads((killed / "lily_deploy.json").read_text())["best"]["val_accuracy"] == clean.best_val_accuracy
 
     # a resume with different settings is refused, naming them
