@@ -259,3 +259,28 @@ def test_flag_parsers_end_in_a_value_or_a_usage_error(text):
             parse()
         except click.BadParameter:
             pass
+
+
+def _first_layer(cfg):
+    return next(iter(cfg["layers"]))
+
+
+@pytest.mark.parametrize("edit, needles", [
+    (lambda c: {**c, "layers": {**c["layers"], _first_layer(c): {**c["layers"][_first_layer(c)], "mode": "static",
+                                                                 "static_p": None}}}, ("is static but has no static_p",)),
+    (lambda c: {**c, "layers": {**c["layers"], _first_layer(c): {**c["layers"][_first_layer(c)], "mode": "static",
+                                                                 "static_p": [1.0]}}}, ("static_p of 1 entries",)),
+    (lambda c: {**c, "folded": {"bert.encoder.layer.77.output.dense": [0.5, 0.5]}}, ("folded layer", "layer.77")),
+    (lambda c: {**c, "labels": ["a", "b", "c"]}, ("3 labels for a 2-way classification head",)),
+])
+def test_inconsistent_checkpoint_configs_are_one_line(minilm_adapter, tmp_path, edit, needles):
+    ckpt = _checkpoint(minilm_adapter, tmp_path)
+    _edit = json.loads((ckpt / "deploy_config.json").read_text())
+    (ckpt / "deploy_config.json").write_text(json.dumps(edit(_edit)))
+    _fails(["inspect", str(ckpt)], "deploy_config.json", *needles)
+
+
+def test_checkpoint_without_its_config_json(minilm_adapter, tmp_path):
+    ckpt = _checkpoint(minilm_adapter, tmp_path)
+    (ckpt / "config.json").unlink()
+    _fails(["export", str(ckpt), "-o", str(tmp_path / "m.onnx")], "cannot read the base architecture")

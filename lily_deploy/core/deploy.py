@@ -189,7 +189,11 @@ def _build_architecture(path: Path, config: dict) -> tuple[nn.Module, Any]:
     from .models import quiet_transformers
 
     quiet_transformers()
-    hf_config = transformers.AutoConfig.from_pretrained(str(path))
+    try:
+        hf_config = transformers.AutoConfig.from_pretrained(str(path))
+    except Exception as exc:  # no or a broken config.json: the checkpoint folder is incomplete
+        raise LilyDeployError(f"{path}: cannot read the base architecture from config.json "
+                              f"({(str(exc).splitlines() or [''])[0][:160]})") from None
     auto = {
         "seq-cls": transformers.AutoModelForSequenceClassification,
         "image-cls": transformers.AutoModelForImageClassification,
@@ -239,7 +243,12 @@ def load_deploy(path: str | Path) -> LilyDeployModel:
             pools[spec["hp_pool"]] = HPPool(num_hp, r, base.out_features)
         layer = LilyLinear(base, lps[spec["lp"]], nn.Linear(r, num_hp, bias=False), pools[spec["hp_pool"]],
                            lily["scaling"], mode=spec["mode"], context=context)
-        if spec["mode"] == "static" and spec.get("static_p") is not None:
+        if spec["mode"] == "static":
+            if spec.get("static_p") is None:
+                raise LilyDeployError(f"{path / DEPLOY_CONFIG}: layer {name} is static but has no static_p")
+            if len(spec["static_p"]) != num_hp:
+                raise LilyDeployError(f"{path / DEPLOY_CONFIG}: layer {name} has a static_p of "
+                                      f"{len(spec['static_p'])} entries; its HP pool has {num_hp}")
             layer.set_static(torch.tensor(spec["static_p"]))
         set_module(model, name, layer)
         specs[name] = {k: spec[k] for k in ("target", "lp", "hp_pool")}
@@ -253,12 +262,25 @@ def load_deploy(path: str | Path) -> LilyDeployModel:
         st_load_model(model, str(path / WEIGHTS), strict=True)
     except RuntimeError as exc:
         raise LilyDeployError(f"{path / WEIGHTS}: does not match {DEPLOY_CONFIG} ({str(exc).splitlines()[0]})") from None
+    _check_folded_and_labels(path, config, model)
     meta = {k: config.get(k) for k in ("base_model", "base_kind", "adapter", "lily", "labels")}
     for k in ("fold",):
         if k in config:
             meta[k] = config[k]
     return LilyDeployModel(model, context, config["task"], specs, meta, tokenizer=tokenizer,
                            folded=config.get("folded"), image_size=config.get("image_size"))
+
+
+def _check_folded_and_labels(path: Path, config: dict, model: nn.Module) -> None:
+    """A checkpoint's ``folded`` names layers of the model, and its labels fit the classification head."""
+    modules = dict(model.named_modules())
+    for name in config.get("folded") or {}:
+        if name not in modules:
+            raise LilyDeployError(f"{path / DEPLOY_CONFIG}: folded layer {name} is not in the base architecture")
+    labels = config.get("labels")
+    n = getattr(getattr(model, "config", None), "num_labels", None)
+    if labels and config.get("task") in ("seq-cls", "image-cls") and n and len(labels) != n:
+        raise LilyDeployError(f"{path / DEPLOY_CONFIG}: {len(labels)} labels for a {n}-way classification head")
 
 
 def plain_deploy_model(spec: str):
