@@ -32,6 +32,10 @@ SKIPPED with the reason, not failed -- but a file that is not a TensorRT engine 
 error, and a run that compared nothing does not pass (``allow_skips`` accepts it, and still
 says NOTHING COMPARED). Results are objects that are truthy when they pass.
 
+When the reference is a causal LM, parity is generation parity (:mod:`lily_deploy.generation_parity`):
+greedy tokens and per-step logits of every candidate against the reference, alone and in
+left-padded batches, plus cache consistency, for ``max_new_tokens`` tokens per prompt.
+
 One :class:`ParityConfig` describes the run::
 
     run_parity(reference="out/adapter", candidates=["lily.onnx", "lily.int8.onnx"], data="dev.tsv")
@@ -49,7 +53,7 @@ import torch
 
 from .core.config import ConfigError, StageConfig, check_choice, check_number
 from .core.errors import LilyDeployError
-from .core.modes import DYNAMIC_MODES
+from .core.modes import DYNAMIC_MODES, STATE_MODES
 from .core.config import as_tuple
 from .runtime.onnx_io import onnx_vocab
 from .runtime.tensorrt import check_engine_header
@@ -362,7 +366,8 @@ class Candidate:
         return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
 
 
-def _normalise_precision(value: str) -> Optional[str]:
+def normalise_precision(value: str) -> Optional[str]:
+    """A precision label (metadata, a build report) as one of :data:`PRECISIONS`, or None."""
     v = str(value).strip().strip('"').lower()
     for key, names in (("int8", ("int8", "qdq", "int8 (q/dq)")), ("fp16", ("fp16", "float16", "half")),
                        ("bf16", ("bf16", "bfloat16")), ("fp32", ("fp32", "float32", "float"))):
@@ -377,7 +382,7 @@ def detect_precision(model) -> tuple[str, str]:
 
     meta = {p.key: p.value for p in model.metadata_props}
     if "lily_deploy.precision" in meta:
-        p = _normalise_precision(meta["lily_deploy.precision"])
+        p = normalise_precision(meta["lily_deploy.precision"])
         if p:
             return p, "metadata lily_deploy.precision"
     nodes = list(model.graph.node) + [n for f in model.functions for n in f.node]
@@ -437,7 +442,7 @@ def open_engine(path: Path) -> Candidate:
     report = read_report(path) or {}
     inputs = {t["name"]: _report_dtype(t.get("dtype")) for t in report.get("inputs", [])}
     outputs = [t["name"] for t in report.get("outputs", [])]
-    precision = _normalise_precision((report.get("precision") or {}).get("label", "fp32")) or "fp32"
+    precision = normalise_precision((report.get("precision") or {}).get("label", "fp32")) or "fp32"
     routing = (report.get("onnx") or {}).get("routing")
     out0 = next((t for t in report.get("outputs", []) if t["name"] == "logits"), None)
     classes = _static((out0.get("onnx_shape") or [None])[-1]) if out0 else None
@@ -657,7 +662,7 @@ class ParityReport:
         if failed:
             first = failed[0]
             why = first.failures[0] if first.failures else None
-            detail += f"; {first.name}: {why.detail if why else first.reason}"
+            detail += f"; {first.name}: {why.detail if why is not None else first.reason}"  # a failed Check is falsy
         head = self.verdict
         if not self.compared:
             head += f" ({len(self.skipped)} skipped)"
@@ -932,9 +937,13 @@ class ParityConfig(StageConfig):
     """What :func:`run_parity` compares, on which inputs, judged by which tolerances.
 
     ``metric`` None: accuracy when ``data`` has labels, else top-1 agreement. ``routing`` None:
-    each candidate's recorded routing (``sample`` where it records none). ``limit`` None: every
-    row. ``threads`` None: torch's and onnxruntime's own. ``allow_skips``: a run whose every
-    candidate was skipped is accepted (it still says NOTHING COMPARED, never PASSED).
+    each candidate's recorded routing (``sample`` where it records none; a causal LM: as trained).
+    ``limit`` None: every row (prompt). ``threads`` None: torch's and onnxruntime's own.
+    ``allow_skips``: a run whose every candidate was skipped is accepted (it still says NOTHING
+    COMPARED, never PASSED). ``max_new_tokens``: greedy tokens per prompt when the reference is a
+    causal LM (generation parity, :mod:`lily_deploy.generation_parity`), which does not use the
+    encoder fields ``max_length``, ``num_generated`` and ``invariance_samples`` (and refuses
+    ``metric``, ``text_column`` and ``label_column``).
     """
 
     reference: str | Path
@@ -955,6 +964,7 @@ class ParityConfig(StageConfig):
     threads: Optional[int] = None
     allow_skips: bool = False
     progress: bool = True
+    max_new_tokens: int = 32
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "candidates", as_tuple(self.candidates))
@@ -968,7 +978,7 @@ class ParityConfig(StageConfig):
         if not self.candidates:
             raise ConfigError("candidates", "none given: name at least one ONNX file, engine or model folder")
         check_choice("metric", self.metric, METRICS, allow_none=True)
-        check_choice("routing", self.routing, DYNAMIC_MODES, allow_none=True)
+        check_choice("routing", self.routing, DYNAMIC_MODES + STATE_MODES, allow_none=True)
         if not self.batch_sizes:
             raise ConfigError("batch_sizes", "give at least one batch size")
         for b in self.batch_sizes:
@@ -979,6 +989,7 @@ class ParityConfig(StageConfig):
         check_number("invariance_samples", self.invariance_samples, 0, integer=True)
         check_number("seed", self.seed, integer=True)
         check_number("threads", self.threads, 1, integer=True, allow_none=True)
+        check_number("max_new_tokens", self.max_new_tokens, 1, integer=True)
         if self.data is None and self.metric in LABELLED_METRICS:
             raise ConfigError("metric", f"{self.metric} needs labelled data (a data file with a label column), "
                                         "or use agreement")
@@ -1004,10 +1015,22 @@ def run_parity(config: Optional[ParityConfig] = None, /, **fields) -> ParityRepo
 
 
 def _run(config: ParityConfig) -> ParityReport:
-    """Check the files, load the reference and its inputs, open the candidates, compare each."""
+    """Check the files, load the reference (a causal LM goes to generation parity) and its inputs,
+    open the candidates, compare each."""
+    from .core.deploy import open_model
+
     started = time.perf_counter()
     _check_files(config)
-    ref_model, samples, metric = _open_reference(config)
+    ref_model = open_model(config.reference, base=config.base).eval()
+    _check_tasks(config, ref_model.task)
+    if ref_model.task == "causal-lm":
+        from .generation_parity import run_generation_parity
+
+        return run_generation_parity(config, ref_model)
+    if config.routing in STATE_MODES:
+        raise ConfigError("routing", f"{config.routing} routing is for decoders; the reference is a "
+                                     f"{ref_model.task} model (route it by {', '.join(DYNAMIC_MODES)})")
+    samples, metric = _reference_inputs(config, ref_model)
     cands = _open_candidates(config, ref_model, samples)
     results = _compare_all(config, cands, _Reference(ref_model, samples), samples, metric)
     notes = [f"no data given: {samples.source}; metric is top-1 agreement with the reference"] \
@@ -1026,12 +1049,42 @@ def _check_files(config: ParityConfig) -> None:
             check_engine_header(p, f"--candidate {p}")
 
 
-def _open_reference(config: ParityConfig):
-    """The torch reference, the samples it is compared on, and the metric (decided by the labels)."""
-    from .core.deploy import open_model
+def candidate_task(path: Path) -> Optional[str]:
+    """The task a candidate was made for, read without loading it (None: not recorded, or not a model file)."""
+    import json
 
-    ref_model = open_model(config.reference, base=config.base)
-    ref_model.eval()
+    from .core.adapters import is_adapter_dir, read_adapter
+    from .core.deploy import DEPLOY_CONFIG
+
+    if path.is_file() and path.suffix.lower() == ".onnx":
+        from .runtime.onnx_io import load_onnx, metadata
+
+        return metadata_value(metadata(load_onnx(path, flag="--candidate")), "lily_deploy.task")
+    if path.is_file() and path.suffix.lower() in ENGINE_SUFFIXES:
+        from .runtime.tensorrt import read_report
+
+        return ((read_report(path) or {}).get("onnx") or {}).get("task")
+    if path.is_dir() and (path / DEPLOY_CONFIG).is_file():
+        try:
+            return json.loads((path / DEPLOY_CONFIG).read_text()).get("task")
+        except (OSError, ValueError, AttributeError):
+            return None  # loading it says what is wrong
+    if path.is_dir() and is_adapter_dir(path):
+        return read_adapter(path).task
+    return None
+
+
+def _check_tasks(config: ParityConfig, task: str) -> None:
+    """Refuse, naming both, a candidate made for another task than the reference (a decoder vs an encoder)."""
+    for spec in config.candidates:
+        theirs = candidate_task(Path(str(spec)))
+        if theirs and theirs != task:
+            raise LilyDeployError(f"--candidate {spec} is a {theirs} model, but --reference {config.reference} is a "
+                                  f"{task} model: parity compares a model with its own deployed forms")
+
+
+def _reference_inputs(config: ParityConfig, ref_model) -> tuple[Samples, str]:
+    """The samples the reference is compared on, and the metric (decided by the labels)."""
     samples = load_samples(ref_model, config.data, config.limit, config.max_length, config.text_column,
                            config.label_column, config.num_generated, config.seed)
     metric = config.metric or ("accuracy" if samples.labels is not None else "agreement")
@@ -1039,7 +1092,7 @@ def _open_reference(config: ParityConfig):
         raise LilyDeployError(f"--metric {metric} needs labels, but --data {config.data} has no label column "
                               "(looked for label, labels, class, target; name it with --label-column, "
                               "or use --metric agreement)")
-    return ref_model, samples, metric
+    return samples, metric
 
 
 def _open_candidates(config: ParityConfig, ref_model, samples: Samples) -> list[Candidate]:

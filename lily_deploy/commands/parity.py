@@ -1,7 +1,9 @@
 """``lily-deploy parity``: a thin layer over :func:`lily_deploy.parity_check.run_parity`."""
 import click
 
-from .options import base_option, data_column_options, int_list, make_config, parse_tolerances
+from .options import base_option, data_column_options, int_list, make_config, parse_tolerances, usage_errors
+
+FLAGS = {"candidates": "--candidate"}
 
 
 def _tolerances(ctx, param, values):
@@ -15,8 +17,8 @@ def _tolerances(ctx, param, values):
               help="An ONNX file (onnxruntime), an engine .plan (TensorRT, GPU only) or a model folder (torch); "
                    "repeat for several.")
 @click.option("--data", type=click.Path(), default=None,
-              help="Real inputs (TSV/CSV/JSONL or image folder). Without it: seeded generated inputs, "
-                   "metric agreement.")
+              help="Real inputs (TSV/CSV/JSONL or image folder; a causal LM: JSONL with a 'prompt' field). "
+                   "Without it: seeded generated inputs, metric agreement (a causal LM: built-in prompts).")
 @click.option("--metric", type=click.Choice(["accuracy", "f1", "mcc", "agreement"]), default=None,
               help="Task metric (default: accuracy with labels, else agreement). f1 is binary F1 of class 1 for "
                    "two classes, else macro.")
@@ -33,10 +35,12 @@ def _tolerances(ctx, param, values):
               help="Batch-invariance tolerance (default fp32 1e-4, fp16 1e-2, bf16/int8 5e-2).")
 @click.option("--batch-sizes", callback=int_list, default="1,8", show_default=True,
               help="Batch sizes every comparison runs at (batches are mixed and padded).")
-@click.option("--routing", type=click.Choice(["batch", "sample", "token"]), default=None,
-              help="Reference routing for candidates that record none (default sample; each ONNX's own "
-                   "lily_deploy.routing is followed).")
-@click.option("--limit", type=int, default=None, help="Use the first N rows of --data.")
+@click.option("--routing", type=click.Choice(["batch", "sample", "token", "prompt", "causal"]), default=None,
+              help="Reference routing for candidates that record none (default sample; a causal LM: as trained; "
+                   "each ONNX's own lily_deploy.routing is followed). prompt and causal are for decoders.")
+@click.option("--limit", type=int, default=None, help="Use the first N rows (prompts) of --data.")
+@click.option("--max-new-tokens", default=32, show_default=True,
+              help="Causal LM: greedy tokens generated per prompt.")
 @click.option("--max-length", default=128, show_default=True, help="Token limit per text.")
 @click.option("--num-generated", default=64, show_default=True, help="Generated samples when no --data.")
 @click.option("--invariance-samples", default=8, show_default=True,
@@ -52,14 +56,17 @@ def _tolerances(ctx, param, values):
 @base_option
 @click.pass_context
 def command(ctx, reference, candidates, data, metric, atol, atol_stat, min_agreement, max_metric_drop,
-            invariance_atol, batch_sizes, routing, limit, max_length, num_generated, invariance_samples, threads,
-            report_dir, allow_skips, as_json, text_column, label_column, base):
+            invariance_atol, batch_sizes, routing, limit, max_new_tokens, max_length, num_generated,
+            invariance_samples, threads, report_dir, allow_skips, as_json, text_column, label_column, base):
     """Check that every candidate matches the torch reference on the same inputs.
 
     \b
     Per candidate: task metric and its delta, top-1 agreement, max/mean/p99 abs diff and cosine
     similarity of the logits, batch invariance (required for sample routing, a finding for batch
     routing), each judged by precision (read from the ONNX). Engines are SKIPPED where no GPU is.
+    A causal-LM reference gets generation parity: greedy exact match, first diverging step and
+    per-step logits diff at each batch size (left-padded), batch invariance and cache
+    consistency; a reference trained with batch routing has its cache drift reported as a finding.
     Ends with one PASSED/FAILED line; exits 1 when any candidate fails, or when nothing was
     compared (every candidate skipped) unless --allow-skips.
     """
@@ -69,19 +76,20 @@ def command(ctx, reference, candidates, data, metric, atol, atol_stat, min_agree
 
     tolerances = make_config(make_tolerances, flags={"stat": "--atol-stat"}, atol=atol, min_agreement=min_agreement,
                              max_metric_drop=max_metric_drop, invariance_atol=invariance_atol, stat=atol_stat)
-    config = make_config(ParityConfig, flags={"candidates": "--candidate"}, reference=reference,
+    config = make_config(ParityConfig, flags=FLAGS, reference=reference,
                          candidates=candidates, data=data, metric=metric, tolerances=tolerances,
                          batch_sizes=batch_sizes, routing=routing, limit=limit, max_length=max_length,
                          text_column=text_column, label_column=label_column, base=base,
                          num_generated=num_generated, invariance_samples=invariance_samples, threads=threads,
-                         allow_skips=allow_skips)
+                         allow_skips=allow_skips, max_new_tokens=max_new_tokens)
     inputs = {"reference": reference, "data": data, "base": base,
               **{f"candidate {c}": c for c in candidates}}
     if report_dir is not None:
         from ..report import check_report_dir
 
         check_report_dir(report_dir, "parity", inputs)
-    report = run_parity(config)
+    with usage_errors(FLAGS):  # a field refuted once the reference is known (e.g. --metric for a causal LM)
+        report = run_parity(config)
     data_json = report.to_json()
     if report_dir is not None:
         from ..report import write_reports
