@@ -146,14 +146,8 @@ def onnx_translation():
     return {torch.ops.lily.hp_mix.default: translate, torch.ops.lily.hp_mix_state.default: translate_state}
 
 
-def function_body(mode: str, masked: bool, opset: int, rank: int, num_hp: int):
-    """The FunctionProto ``lily::HPMix`` for one variant, from standard ops of ``opset`` only.
-
-    ``rank`` and ``num_hp`` are the same for every layer of a Lily model (one config), so the
-    body reshapes with constant shapes (``0`` copies a dim, ``-1`` infers ``d_out``), which
-    onnxruntime and TensorRT fold at load time instead of computing shapes per call.
-    ``masked``: the node passes the token mask (sample mode).
-    """
+def _body_builder():
+    """``(nodes, node, ints)``: the node list of a function body, an op adder and an int64-constant adder."""
     import onnx
     from onnx import helper
 
@@ -166,12 +160,47 @@ def function_body(mode: str, masked: bool, opset: int, rank: int, num_hp: int):
     def ints(name, values):
         return node("Constant", [], [name], value=helper.make_tensor(name, onnx.TensorProto.INT64, [len(values)], values))
 
-    inputs = ["h", "router_logits", "hp"] + (["mask"] if masked else [])
-    # s * h @ B~(p) == h @ B~(s * p): scaling the few mixing weights, not the [..., d] output
+    return nodes, node, ints
+
+
+def _scale_from_attribute():
+    """A Constant ``scale_f`` whose value is the calling node's ``scale`` attribute (an attribute reference)."""
+    import onnx
+    from onnx import helper
+
     scale_node = helper.make_node("Constant", [], ["scale_f"])
     scale_node.attribute.append(helper.make_attribute_ref("value_float", onnx.AttributeProto.FLOAT))
     scale_node.attribute[0].ref_attr_name = "scale"
-    nodes.append(scale_node)
+    return scale_node
+
+
+def inline_bodies(model):
+    """``--ops standard``: the model with every ``lily::`` function inlined and the custom domain dropped."""
+    import onnx.inliner
+
+    model = onnx.inliner.inline_local_functions(model)
+    del model.functions[:]
+    keep = [o for o in model.opset_import if o.domain != DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+    return model
+
+
+def function_body(mode: str, masked: bool, opset: int, rank: int, num_hp: int):
+    """The FunctionProto ``lily::HPMix`` for one variant, from standard ops of ``opset`` only.
+
+    ``rank`` and ``num_hp`` are the same for every layer of a Lily model (one config), so the
+    body reshapes with constant shapes (``0`` copies a dim, ``-1`` infers ``d_out``), which
+    onnxruntime and TensorRT fold at load time instead of computing shapes per call.
+    ``masked``: the node passes the token mask (sample mode).
+    """
+    from onnx import helper
+
+    nodes, node, ints = _body_builder()
+
+    inputs = ["h", "router_logits", "hp"] + (["mask"] if masked else [])
+    # s * h @ B~(p) == h @ B~(s * p): scaling the few mixing weights, not the [..., d] output
+    nodes.append(_scale_from_attribute())
     probs = node("Softmax", ["router_logits"], ["probs"], axis=-1)  # [..., E]
     scale_t = node("CastLike", ["scale_f", probs], ["scale_t"])
     if mode == "token":
@@ -228,19 +257,9 @@ def state_function_body(mode: str, opset: int, rank: int, num_hp: int):
     import onnx
     from onnx import helper
 
-    nodes = []
+    nodes, node, ints = _body_builder()
 
-    def node(op, inputs, outputs, **attrs):
-        nodes.append(helper.make_node(op, inputs, outputs, **attrs))
-        return outputs[0]
-
-    def ints(name, values):
-        return node("Constant", [], [name], value=helper.make_tensor(name, onnx.TensorProto.INT64, [len(values)], values))
-
-    scale_node = helper.make_node("Constant", [], ["scale_f"])
-    scale_node.attribute.append(helper.make_attribute_ref("value_float", onnx.AttributeProto.FLOAT))
-    scale_node.attribute[0].ref_attr_name = "scale"
-    nodes.append(scale_node)
+    nodes.append(_scale_from_attribute())
     probs = node("Softmax", ["router_logits"], ["probs"], axis=-1)  # [B, T, E]
     scale_t = node("CastLike", ["scale_f", probs], ["scale_t"])
     one = node("CastLike", [node("Constant", [], ["one_f"], value_float=1.0), probs], ["one_t"])

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .converters.hpmix import attach_function_bodies, hpmix_nodes, onnx_translation
+from .converters.hpmix import attach_function_bodies, hpmix_nodes, inline_bodies, onnx_translation
 from .core.errors import LilyDeployError
 from .core.models import forward_with_cache
 from .core.modes import CACHE_INCONSISTENT
@@ -104,13 +104,7 @@ def trace_decoder(deploy, opset: int, ops: str):
         first = next(iter(deploy.layers.values()))
         attach_function_bodies(model, rank=first.rank, num_hp=first.num_hp)
     if ops == "standard":
-        import onnx.inliner
-
-        model = onnx.inliner.inline_local_functions(model)
-        del model.functions[:]
-        keep = [o for o in model.opset_import if o.domain != "lily"]
-        del model.opset_import[:]
-        model.opset_import.extend(keep)
+        model = inline_bodies(model)
     elif deploy.layers and len(hpmix_nodes(model)) != len(deploy.layers):
         raise LilyDeployError(f"expected {len(deploy.layers)} lily:: nodes, the decoder graph has "
                               f"{len(hpmix_nodes(model))}")

@@ -219,7 +219,7 @@ def evaluate(model, batches: list, labels: Optional[list[int]], reference: Optio
 
 def _apply(model, names: Iterable[str], means: dict[str, torch.Tensor]) -> dict:
     """Fold ``names`` in place; returns the replaced layers so the change can be undone."""
-    from .core.peft_bridge import _set_module
+    from .core.peft_bridge import set_module
 
     undo = {}
     for name in names:
@@ -227,16 +227,16 @@ def _apply(model, names: Iterable[str], means: dict[str, torch.Tensor]) -> dict:
         if not isinstance(layer, LilyLinear):
             continue
         undo[name] = layer
-        _set_module(model.model, name, layer.folded_linear(means[name]))
+        set_module(model.model, name, layer.folded_linear(means[name]))
         model.folded[name] = [round(float(v), 8) for v in means[name]]
     return undo
 
 
 def _undo(model, undo: dict) -> None:
-    from .core.peft_bridge import _set_module
+    from .core.peft_bridge import set_module
 
     for name, layer in undo.items():
-        _set_module(model.model, name, layer)
+        set_module(model.model, name, layer)
         model.folded.pop(name, None)
 
 

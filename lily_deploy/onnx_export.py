@@ -18,7 +18,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .converters.hpmix import attach_function_bodies, hpmix_nodes, onnx_translation
+from .converters.hpmix import attach_function_bodies, hpmix_nodes, inline_bodies, onnx_translation
 from .core.config import ConfigError, StageConfig, check_choice, check_number
 from .core.deploy import open_model
 from .core.errors import LilyDeployError
@@ -164,12 +164,12 @@ def _wrapper_dynamic_shapes(names, dynamic):
 
 def fold_static_layers(deploy) -> int:
     """Replace every ``static`` LilyLinear by a plain Linear with the folded weight (in place)."""
-    from .core.peft_bridge import _set_module
+    from .core.peft_bridge import set_module
 
     n = 0
     for name, layer in list(deploy.layers.items()):
         if layer.mode == "static":
-            _set_module(deploy.model, name, layer.folded_linear())
+            set_module(deploy.model, name, layer.folded_linear())
             deploy.folded[name] = layer.static_p.tolist()
             n += 1
     return n
@@ -233,13 +233,7 @@ def _trace(deploy, inputs: dict, dynamic: Sequence[str], opset: int, ops: str):
     if layers:
         attach_function_bodies(model, rank=layers[0].rank, num_hp=layers[0].num_hp)
     if ops == "standard":
-        import onnx.inliner
-
-        model = onnx.inliner.inline_local_functions(model)
-        del model.functions[:]
-        keep = [o for o in model.opset_import if o.domain != "lily"]
-        del model.opset_import[:]
-        model.opset_import.extend(keep)
+        model = inline_bodies(model)
     return model
 
 

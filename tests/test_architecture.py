@@ -135,6 +135,11 @@ def test_one_place_creates_onnxruntime_sessions():
     assert sites == [s for s in sites if s.startswith("lily_deploy/runtime/ort.py:")] and len(sites) == 1, sites
 
 
+def test_no_library_function_is_longer_than_80_lines():
+    long = [f"{name} ({where}, {n} lines)" for n, where, name in code_metrics.function_lengths(ROOT) if n > 80]
+    assert not long, long
+
+
 def test_code_metrics_counts_lengths_from_the_def_line(tmp_path):
     pkg = tmp_path / "lily_deploy"
     pkg.mkdir()

@@ -114,20 +114,7 @@ def read_text_table(path: str | Path, text_column: Optional[str] = None, label_c
     rows: list[dict]
     try:
         if suffix in (".jsonl", ".json"):
-            rows = []
-            with open(path, encoding="utf-8") as f:
-                for i, line in enumerate(f, start=1):
-                    if line.strip():
-                        try:
-                            row = json.loads(line)
-                        except json.JSONDecodeError as exc:
-                            raise LilyDeployError(f"{path}: line {i} is not JSON ({exc.msg})") from None
-                        if not isinstance(row, dict):
-                            raise LilyDeployError(f"{path}: line {i} is a JSON {type(row).__name__}, "
-                                                  "expected an object like {\"text\": ..., \"label\": ...}")
-                        rows.append(row)
-                    if limit and len(rows) >= limit:
-                        break
+            rows = [row for _, row in read_jsonl_objects(path, limit, example='{"text": ..., "label": ...}')]
             columns = list(rows[0].keys()) if rows else []
         elif suffix in (".tsv", ".csv", ".txt"):
             delimiter = "," if suffix == ".csv" else "\t"
@@ -249,7 +236,8 @@ class PromptTable:
         return PromptTable(self.path, prompts, responses, texts, lines)
 
 
-def read_jsonl_objects(path: str | Path, limit: Optional[int] = None) -> list[tuple[int, dict]]:
+def read_jsonl_objects(path: str | Path, limit: Optional[int] = None,
+                       example: str = '{"prompt": ..., "response": ...}') -> list[tuple[int, dict]]:
     """``(line number, object)`` per non-blank line; a line that is not a JSON object is one line naming it."""
     path = Path(path)
     if not path.is_file():
@@ -266,7 +254,7 @@ def read_jsonl_objects(path: str | Path, limit: Optional[int] = None) -> list[tu
                     raise LilyDeployError(f"{path}: line {i} is not JSON ({exc.msg})") from None
                 if not isinstance(row, dict):
                     raise LilyDeployError(f"{path}: line {i} is a JSON {type(row).__name__}, expected an object "
-                                          "like {\"prompt\": ..., \"response\": ...}")
+                                          f"like {example}")
                 rows.append((i, row))
                 if limit and len(rows) >= limit:
                     break

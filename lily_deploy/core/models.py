@@ -228,6 +228,3 @@ def _load_timm(name: str, num_labels: Optional[int], weights: Optional[str], ran
     size = model.default_cfg.get("input_size", (3, 224, 224))[-1]
     return BaseModel(model=model, spec=f"timm:{name}", path=None, kind="timm", task="image-cls",
                      num_labels=getattr(model, "num_classes", num_labels), image_size=int(size))
-
-
-_quiet_transformers = quiet_transformers  # TEMPORARY alias

@@ -133,6 +133,3 @@ def deploy_to_peft(deploy: Any) -> Any:
             target.lily_router[adapter].weight.copy_(layer.router.weight)
     peft_model.eval()
     return peft_model
-
-
-_set_module = set_module  # TEMPORARY alias while stage modules move to the public name
