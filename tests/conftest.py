@@ -108,7 +108,8 @@ SENTENCES = [
 # ---- tiny random decoders (real HF architectures) with random-but-nonzero Lily adapters -------------
 
 def _save_decoder(kind: str, out: Path) -> Path:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                              Qwen2Config, Qwen2ForCausalLM)
 
     from lily_deploy.core.models import minilm_path
 
@@ -119,6 +120,8 @@ def _save_decoder(kind: str, out: Path) -> Path:
                   eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id)
     if kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common))
+    elif kind == "mistral":  # sliding-window attention
+        model = MistralForCausalLM(MistralConfig(**common, sliding_window=64))
     else:  # Qwen2: biased q/k/v, grouped-query attention
         model = Qwen2ForCausalLM(Qwen2Config(**common))
     model.save_pretrained(str(out))
@@ -129,6 +132,16 @@ def _save_decoder(kind: str, out: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     return _save_decoder("llama", tmp_path_factory.mktemp("llama") / "base")
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral_dir(tmp_path_factory) -> Path:
+    return _save_decoder("mistral", tmp_path_factory.mktemp("mistral") / "base")
+
+
+@pytest.fixture(scope="session")
+def mistral_adapter(tiny_mistral_dir, tmp_path_factory) -> Path:
+    return decoder_adapter(tiny_mistral_dir, tmp_path_factory.mktemp("mistral") / "adapter")
 
 
 @pytest.fixture(scope="session")

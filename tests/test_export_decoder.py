@@ -1,7 +1,7 @@
 """Decoders exported with a KV cache and the Lily routing state: onnxruntime generates what torch generates.
 
 For Llama and Qwen2 (biased q/k/v, grouped-query attention) with Lily on q/v/down projections,
-under prompt, causal and token routing: 32 greedy tokens for 16 real SST-2 review prompts,
+under prompt, causal and token routing (and Mistral, sliding-window attention, under prompt routing): 32 greedy tokens for 16 real SST-2 review prompts,
 alone and in a left-padded batch of 8, identical tokens and per-step logits within 1e-4 (fp32).
 """
 from __future__ import annotations
@@ -33,8 +33,9 @@ def prompts():
     return _prompts()
 
 
-@pytest.mark.parametrize("adapter_fixture", ["llama_adapter", "qwen2_adapter"])
-@pytest.mark.parametrize("mode", ["prompt", "causal", "token"])
+@pytest.mark.parametrize("adapter_fixture, mode", [
+    (a, m) for a in ("llama_adapter", "qwen2_adapter") for m in ("prompt", "causal", "token")
+] + [("mistral_adapter", "prompt")])
 def test_onnxruntime_generates_what_torch_generates(adapter_fixture, mode, prompts, request, tmp_path):
     adapter = request.getfixturevalue(adapter_fixture)
     path = tmp_path / "decoder.onnx"
