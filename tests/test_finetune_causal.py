@@ -470,3 +470,34 @@ def test_lm_pad_id_falls_back_to_eos():
     assert lm_pad_id(SimpleNamespace(pad_token_id=None, eos_token_id=7)) == 7
     assert lm_pad_id(SimpleNamespace(pad_token_id=0, eos_token_id=7)) == 0
     assert lm_pad_id(SimpleNamespace(pad_token_id=None, eos_token_id=None)) is None
+
+
+# ------------------------------------------------------------------ a trained decoder, deployed
+def test_trained_decoder_generates_the_same_on_onnxruntime(llama_run, sst2, tmp_path):
+    """The fine-tuned adapter (prompt routing) exported with its cache: onnxruntime == torch, token for token,
+    on the held-out prompts alone and in left-padded batches; and generation answers as the training measured."""
+    import numpy as np
+
+    from lily_deploy.core.data import prompt_ids, read_prompt_table
+    from lily_deploy.core.deploy import load_model
+    from lily_deploy.generation import decode, special_ids
+    from lily_deploy.onnx_export import export_onnx
+    from lily_deploy.runtime.decoder import TorchDecoder
+    from lily_deploy.runtime.decoder_ort import OrtDecoder
+
+    result = export_onnx(source=llama_run["out"], output=tmp_path / "llm.onnx")  # routing as trained: prompt
+    assert result.passed and result.routing == "prompt"
+    model = load_model(llama_run["out"])
+    table = read_prompt_table(sst2["val"])
+    ids = [prompt_ids(model.tokenizer, p) for p in table.prompts]
+    eos, pad = special_ids(model.tokenizer)
+    ref, ref_steps = decode(TorchDecoder(model), ids, 4, None, pad, record_logits=True)
+    got, got_steps = decode(OrtDecoder(tmp_path / "llm.onnx"), ids, 4, None, pad, record_logits=True)
+    assert got == ref
+    assert max(np.abs(g - r).max() for g, r in zip(got_steps, ref_steps)) < 1e-4
+    alone = [decode(OrtDecoder(tmp_path / "llm.onnx"), [one], 4, None, pad)[0][0] for one in ids[:8]]
+    assert alone == got[:8]
+    # classification by generation: the first generated word is the trained answer at least as often as chance
+    words = [model.tokenizer.decode(t[:1]).strip() for t in got]
+    answers = [r.strip() for r in table.responses]
+    assert sum(w == a for w, a in zip(words, answers)) / len(answers) >= 0.5
