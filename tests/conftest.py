@@ -21,6 +21,15 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Two cores shared by the test run: one thread keeps torch fast and results unchanged."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def data_file(*parts: str) -> Path:
     """A file under ../shared/data, or skip the test (a user's machine need not have it)."""
     path = DATA.joinpath(*parts)

@@ -26,13 +26,7 @@ TEXTS = SENTENCES + ["not bad at all", "it 's a mess", "one of the year 's most 
                      "the film is strictly routine", "a masterpiece of quiet, patient storytelling"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two cores shared by the test run: one thread keeps torch fast and results unchanged."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tsv(path, rows, header="sentence\tlabel"):

@@ -9,7 +9,6 @@ import json
 
 import onnx
 import pytest
-import torch
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
@@ -23,13 +22,7 @@ PROMPTS = ["the film was", "a long , slow and rather dull evening at the cinema 
 NEW_TOKENS = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two cores shared by the test run: one thread keeps torch fast and results unchanged."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

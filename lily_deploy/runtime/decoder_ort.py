@@ -6,6 +6,7 @@ Lily layer; its outputs ``present.*`` and ``present_routing.*`` become the next 
 """
 from __future__ import annotations
 
+import abc
 import os
 from pathlib import Path
 from typing import Optional
@@ -21,7 +22,7 @@ KV_PREFIX, KV_OUT = "past_key_values.", "present."
 STATE_PREFIX, STATE_OUT = "past_routing.", "present_routing."
 
 
-class GraphDecoder:
+class GraphDecoder(abc.ABC):
     """What every exported-decoder backend shares: the cache layout from the graph's I/O, start and step.
 
     Subclasses set ``input_names``, ``output_names``, ``meta``, ``kv_shapes`` (name -> shape with
@@ -66,8 +67,9 @@ class GraphDecoder:
         logits = np.asarray(out["logits"], dtype=np.float32)
         return logits, DecoderCache(kv, routing, cache.length + np.shape(input_ids)[1])
 
+    @abc.abstractmethod
     def _run(self, feeds: dict) -> dict:
-        raise NotImplementedError
+        """Run the graph once on ``feeds``: ``{output name: array}`` (the backend's part)."""
 
 
 class OrtDecoder(GraphDecoder):
