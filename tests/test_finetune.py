@@ -117,7 +117,7 @@ def test_training_lowers_loss_and_keeps_best(trained):
     assert sidecar["best"]["step"] == best["step"]
     assert sidecar["best"]["val_accuracy"] == best["val_accuracy"]
     assert sidecar["labels"] == ["neg", "pos"] and sidecar["task"] == "seq-cls"
-    assert sidecar["routing"] == "batch" and sidecar["method"] == "lily"
+    assert sidecar["routing"] == "sample" and sidecar["method"] == "lily"  # the default: as export deploys
     assert Path(sidecar["base_model"]).is_absolute()
     assert "trainable parameters: Lily adapter" in trained["output"]
     assert "LoRA adapter" in trained["output"]

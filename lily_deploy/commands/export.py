@@ -10,7 +10,9 @@ FLAGS = {"source": "MODEL", "output": "-o", "validation": "--no-validate", "inpu
 
 @click.command("export")
 @click.argument("model", type=str)
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="ONNX file to write, or DIR/: a folder with model.onnx, config.json and the tokenizer "
+                   "(the layout Optimum's ORTModelFor* classes load).")
 @click.option("--routing", type=click.Choice(["batch", "sample", "token", "prompt", "causal"]), default=None,
               help="Routing of dynamic layers. Encoders: batch, sample (default: batch- and padding-invariant) or "
                    "token. Decoders: prompt, causal or token, exact under a KV cache (default: as trained).")
@@ -44,6 +46,7 @@ def command(model, output, routing, ops, opset, dynamic, external_data, task, no
                (one graph for prefill and decode; validated by greedy generation vs torch)
     """
     from ..core.errors import LilyDeployError
+    from ..hf_folder import export_folder, is_folder_output
     from ..onnx_export import ExportConfig, export_onnx
 
     config = make_config(ExportConfig, flags=FLAGS, source=model, output=output, routing=routing, ops=ops,
@@ -52,7 +55,7 @@ def command(model, output, routing, ops, opset, dynamic, external_data, task, no
                          inputs_npz=inputs_npz, keep_on_failure=keep_on_failure, base=base, text_column=text_column,
                          cache=not no_cache, allow_inconsistent_routing=allow_inconsistent_routing)
     with usage_errors(FLAGS):
-        result = export_onnx(config)
+        result = (export_folder if is_folder_output(output) else export_onnx)(config)
     for note in result.notes:
         click.echo(f"note: {note}")
     click.echo(f"{result.dynamic_layers} dynamic Lily layers ({result.routing} routing, {result.ops} ops), "
@@ -62,4 +65,5 @@ def command(model, output, routing, ops, opset, dynamic, external_data, task, no
     if not result.passed:
         kept = f"; {output} written anyway (--keep-on-failure)" if keep_on_failure else f"; {output} not written"
         raise LilyDeployError(f"validation failed: onnxruntime differs from torch beyond tolerance{kept}")
-    click.echo(f"wrote {output}")
+    click.echo(f"wrote {output}" + (f" ({result.path.name}, config.json, tokenizer)" if is_folder_output(output)
+                                      else ""))

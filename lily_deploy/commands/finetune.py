@@ -50,8 +50,8 @@ def _targets(ctx, param, value):
 @click.option("--eval-every", type=int, default=None, help="Evaluate every N steps (default: each epoch, and at the end).")
 @click.option("--save-every", default=100, show_default=True, help="Write checkpoints/last every N steps (and at each eval).")
 @click.option("--routing", type=click.Choice(ROUTING_CHOICES), default=None,
-              help="Encoders (default batch): batch, PEFT's mixing over the whole (local) batch; sample, per "
-                   "sample, batch-invariant (as deployed). Causal LMs (default prompt): prompt, the mean over "
+              help="Encoders (default sample): sample, per sample, batch-invariant (as export deploys it); "
+                   "batch, PEFT's mixing over the whole (local) batch. Causal LMs (default prompt): prompt, the mean over "
                    "the prompt; causal, the running mean; token; or batch for comparison.")
 @click.option("--train-size", type=int, default=None, help="Use a seeded random subset of this many training rows.")
 @click.option("--val-size", type=int, default=None, help="Use a seeded random subset of this many validation rows.")
