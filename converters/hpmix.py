@@ -304,17 +304,51 @@ def state_function_body(mode: str, opset: int, rank: int, num_hp: int):
     )
 
 
+def is_hpmix_op(op_type: str) -> bool:
+    """``HPMix``, ``HPMixState`` or a variant's own name (``HPMix_token``, ``HPMix_sample_mask``, ...)."""
+    return op_type in (OP_TYPE, STATE_OP_TYPE) or op_type.startswith(OP_TYPE + "_")
+
+
 def hpmix_nodes(model) -> list:
-    """Every ``lily::HPMix`` and ``lily::HPMixState`` node of an ONNX model's main graph."""
-    return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type in (OP_TYPE, STATE_OP_TYPE)]
+    """Every ``lily::HPMix`` node (any variant) and ``lily::HPMixState`` node of an ONNX model's main graph."""
+    return [n for n in model.graph.node if n.domain == DOMAIN and is_hpmix_op(n.op_type)]
+
+
+def variant_op_type(mode: str, masked) -> str:
+    """The function name of a variant when one model needs several: ``HPMix_<mode>[_mask]``."""
+    if masked == "state":
+        return STATE_OP_TYPE
+    return f"{OP_TYPE}_{mode}{'_mask' if masked else ''}"
+
+
+def _node_variant(model, n) -> tuple[str, object]:
+    """``(mode, masked)`` of one node (``masked`` is ``"state"`` for HPMixState); a 2-D sample node becomes token."""
+    import onnx
+
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+    mode = attrs["mode"].decode() if isinstance(attrs["mode"], bytes) else attrs["mode"]
+    if n.op_type == STATE_OP_TYPE:
+        return mode, "state"
+    masked = len(n.input) > 3 and n.input[3] != ""
+    if mode == "sample" and not masked and _input_rank(model, n.input[0]) == 2:
+        mode = "token"  # one token per sample: sample routing is token routing
+        for a in n.attribute:
+            if a.name == "mode":
+                a.s = b"token"
+    return mode, masked
 
 
 def attach_function_bodies(model, rank: int, num_hp: int) -> list[str]:
     """Add the FunctionProto every ``lily::HPMix`` node needs; returns the variants used.
 
-    One op (``lily::HPMix``) per model: every dynamic layer of an export shares the routing
-    mode, so one body serves all nodes. A model mixing variants is refused rather than run
-    with the wrong body.
+    Every dynamic layer of an export shares the routing mode, but not every call sees the same
+    inputs: a layer applied to something without the token mask (DeBERTa-v2's relative position
+    embeddings through ``query_proj``) or to one token per sample needs another body. One
+    variant keeps the name ``lily::HPMix`` (the one most nodes use); each other variant gets its
+    own function, ``lily::HPMix_<mode>[_mask]``, and its nodes are renamed to call it, so every
+    runtime that inlines model-local functions (onnxruntime, TensorRT's parser) runs each node
+    with its own body. (IR 10's ``overload`` field would keep one name, but TensorRT's parser
+    ignores it.)
     """
     import onnx
 
@@ -322,31 +356,47 @@ def attach_function_bodies(model, rank: int, num_hp: int) -> list[str]:
     if not nodes:
         return []
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    variants = set()
+    by_variant: dict[tuple, list] = {}
     for n in nodes:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-        mode = attrs["mode"].decode() if isinstance(attrs["mode"], bytes) else attrs["mode"]
-        if n.op_type == STATE_OP_TYPE:
-            variants.add((mode, "state"))
-            continue
-        masked = len(n.input) > 3 and n.input[3] != ""
-        if mode == "sample" and not masked and _input_rank(model, n.input[0]) == 2:
-            mode = "token"  # one token per sample: sample routing is token routing
-            for a in n.attribute:
-                if a.name == "mode":
-                    a.s = b"token"
-        variants.add((mode, masked))
-    if len(variants) > 1:
-        raise ValueError(f"lily::HPMix nodes use several variants {sorted(variants, key=str)}; one export uses one")
-    (mode, masked), = variants
+        by_variant.setdefault(_node_variant(model, n), []).append(n)
+    plain = [v for v in by_variant if v[1] != "state"]
+    main = max(plain, key=lambda v: (len(by_variant[v]), str(v))) if plain else None
     del model.functions[:]
-    if masked == "state":
-        model.functions.append(state_function_body(mode, opset, rank, num_hp))
-    else:
-        model.functions.append(function_body(mode, masked, opset, rank, num_hp))
+    names = []
+    for (mode, masked), members in sorted(by_variant.items(), key=lambda kv: str(kv[0])):
+        if masked == "state":
+            body = state_function_body(mode, opset, rank, num_hp)
+        else:
+            body = function_body(mode, masked, opset, rank, num_hp)
+            if (mode, masked) != main:
+                body.name = variant_op_type(mode, masked)
+                register_variant_schema(body.name)
+                for n in members:
+                    n.op_type = body.name
+        model.functions.append(body)
+        names.append(f"{mode}+state" if masked == "state" else f"{mode}{'+mask' if masked else ''}")
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
-    return [f"{mode}+state" if masked == "state" else f"{mode}{'+mask' if masked else ''}"]
+    return names
+
+
+def register_variant_schema(op_type: str) -> None:
+    """Register a variant's name with onnx (same signature as ``lily::HPMix``) for the checker."""
+    import onnx
+    from onnx.defs import OpSchema
+
+    register_onnx_schema()
+    if onnx.defs.has(op_type, DOMAIN):
+        return
+    base = onnx.defs.get_schema(OP_TYPE, DOMAIN_VERSION, DOMAIN)
+    param = OpSchema.FormalParameter
+    onnx.defs.register_schema(OpSchema(
+        op_type, DOMAIN, DOMAIN_VERSION, doc=f"A variant of lily::HPMix with its own body: {base.doc}",
+        inputs=[param(i.name, i.type_str, i.description, param_option=i.option) for i in base.inputs],
+        outputs=[param(o.name, o.type_str, o.description) for o in base.outputs],
+        type_constraints=[(c.type_param_str, list(c.allowed_type_strs), c.description) for c in base.type_constraints],
+        attributes=[OpSchema.Attribute(a.name, a.type, a.description) for a in base.attributes.values()],
+    ))
 
 
 def _input_rank(model, name: str):

@@ -80,14 +80,19 @@ def parse_model(spec: str) -> BenchModel:
         label, text = text.split("=", 1)
         if not label or "/" in label:
             raise LilyDeployError(f"model {spec!r}: expected PATH or LABEL=PATH")
-    path = Path(text)
+    from .runtime import split_adapter_spec
+
+    base_text, adapter = split_adapter_spec(text)  # a switchable graph or engine with its adapter
+    path = Path(base_text)
     kind = kind_of(path)
-    if kind != "torch" and not path.is_file():
-        raise LilyDeployError(f"model {text}: file does not exist")
+    for p in (path, Path(adapter)) if adapter else (path,):
+        if kind != "torch" and not p.is_file():
+            raise LilyDeployError(f"model {p}: file does not exist")
     if kind == "engine":
         check_engine_header(path, f"model {text}")
     if label is None:
         label = path.stem if kind != "torch" else (path.name or text)
+        label = f"{label}+{Path(adapter).stem}" if adapter else label
     return BenchModel(label, text, kind)
 
 
@@ -163,7 +168,9 @@ def _ort_target(m: BenchModel, backend: str, threads: Optional[int]) -> BenchTar
     from .runtime.onnx_io import load_onnx, metadata
     from .runtime.ort import CPU, CUDA, OrtRunner
 
-    graph = load_onnx(m.spec, flag="model")
+    from .runtime import split_adapter_spec
+
+    graph = load_onnx(split_adapter_spec(m.spec)[0], flag="model")
     meta = metadata(graph)
     runner = OrtRunner(m.spec, threads, CUDA if backend == "onnxruntime-cuda" else CPU, flag="model")
     fixed = {}
@@ -182,6 +189,7 @@ def _ort_target(m: BenchModel, backend: str, threads: Optional[int]) -> BenchTar
 
 def _engine_target(m: BenchModel) -> BenchTarget:
     """TensorRT through the runtime layer (GPU only): device buffers, one stream, synchronised."""
+    from .runtime import split_adapter_spec
     from .runtime.tensorrt import TrtRunner
 
     engine = TrtRunner(m.spec)
@@ -193,7 +201,7 @@ def _engine_target(m: BenchModel) -> BenchTarget:
             if len(sizes) == 1:
                 fixed.setdefault(n, {})[axis] = sizes.pop()
     task = "image-cls" if "pixel_values" in engine.input_names else "seq-cls"
-    return BenchTarget(m, "tensorrt", engine, task, fixed=fixed, weights_mib=Path(m.spec).stat().st_size / 2 ** 20)
+    return BenchTarget(m, "tensorrt", engine, task, fixed=fixed, weights_mib=Path(split_adapter_spec(m.spec)[0]).stat().st_size / 2 ** 20)
 
 
 def make_runner(m: BenchModel, backend: str, threads: Optional[int], routing: Optional[str],

@@ -22,6 +22,7 @@ COMMANDS = {
     "fold": ("fold", "Fold static router paths into the base weights; write a deploy checkpoint."),
     "export": ("export", "Export to ONNX with lily::HPMix custom ops (and their bodies); validate against torch."),
     "quantize": ("quantize", "Write FP16 or INT8 (Q/DQ) ONNX from calibration data; validate accuracy."),
+    "adapter": ("adapter", "Pack a Lily adapter for a switchable graph (export --switchable), chosen per request."),
     "build-trt": ("build_trt", "Build a TensorRT or TensorRT-for-RTX engine from an ONNX file."),
     "generate": ("generate", "Generate text from a Lily decoder with a KV cache (torch or onnxruntime)."),
     "parity": ("parity", "Check accuracy parity of ONNX/TensorRT candidates against the torch reference."),

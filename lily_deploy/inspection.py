@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Optional
 
 from .core.deploy import load_model
+from .core.errors import LilyDeployError
 
 
 def describe(path: str | Path, data: Optional[str] = None, base: Optional[str] = None, size: int = 256,
@@ -50,13 +51,28 @@ def describe(path: str | Path, data: Optional[str] = None, base: Optional[str] =
         "folded": sorted(model.folded),
         "adapter": model.meta.get("adapter"),
     }
+    if data is not None and model.task == "seq2seq":
+        raise LilyDeployError(f"--data {data}: router statistics of a seq2seq (encoder-decoder) model are not "
+                              "supported yet (its forward needs decoder inputs); inspect it without --data")
     if data is not None:
-        from .calib.readers import torch_batches
         from .calib.router_stats import collect
 
-        batches = torch_batches(model, data, batch_size=batch_size, size=size, text_column=text_column)
-        info["router_stats"] = collect(model, batches)
+        info["router_stats"] = collect(model, _batches(model, data, batch_size, size, text_column))
     return info
+
+
+def _batches(model, data: str, batch_size: int, size: Optional[int], text_column: Optional[str]):
+    """Model inputs from a text table, an image folder, or an ``.npz`` of input arrays (as the other stages take)."""
+    if str(data).lower().endswith(".npz"):
+        from .core.data import read_npz_inputs
+
+        arrays = read_npz_inputs(data, model.input_names)
+        n = next(iter(arrays.values())).shape[0]
+        n = min(n, size) if size else n
+        return [{k: v[i:i + batch_size] for k, v in arrays.items()} for i in range(0, n, batch_size)]
+    from .calib.readers import torch_batches
+
+    return torch_batches(model, data, batch_size=batch_size, size=size, text_column=text_column)
 
 
 def format_table(info: dict) -> str:

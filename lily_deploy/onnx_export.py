@@ -34,6 +34,7 @@ logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(loggin
 MIN_OPSET = 18  # ReduceMean/ReduceSum take axes as an input from opset 18 on
 DEFAULT_OPSET = 20
 OUTPUT_NAME = "logits"
+PER_TOKEN_TASKS = ("token-cls", "qa")  # outputs per token: padding positions are not compared
 DEFAULT_ATOL = 1e-4
 OPS = ("custom", "standard")
 AXES = ("batch", "sequence")
@@ -78,6 +79,7 @@ class ExportConfig(StageConfig):
     text_column: Optional[str] = None
     cache: bool = True  # decoders: KV cache and routing state as inputs/outputs (False: a plain logits graph)
     allow_inconsistent_routing: bool = False  # decoders: export batch/sample routing under a cache anyway
+    switchable: bool = False  # adapter tensors as graph inputs with defaults (lily_deploy.switchable)
 
     def __post_init__(self) -> None:
         dynamic = self.dynamic.split(",") if isinstance(self.dynamic, str) else (self.dynamic or ())
@@ -115,7 +117,7 @@ class Comparison:
 
     def row(self) -> str:
         status = "ok" if self else "FAILED"
-        return (f"  {self.output:<10} {self.batch:<14} max_abs {self.max_abs:.3e}  max_rel {self.max_rel:.3e}  "
+        return (f"  {self.output:<12} {self.batch:<14} max_abs {self.max_abs:.3e}  max_rel {self.max_rel:.3e}  "
                 f"top1 {100 * self.top1_agreement:6.2f}%  atol {self.atol:.0e}  {status}")
 
 
@@ -154,7 +156,9 @@ class _ExportWrapper(nn.Module):
 
     def forward(self, *args):
         inputs = dict(zip(self.input_names, args))
-        return self.deploy.logits(**inputs)
+        if self.deploy.output_names == [OUTPUT_NAME]:
+            return self.deploy.logits(**inputs)
+        return tuple(self.deploy.outputs(**inputs).values())  # extractive QA: start_logits, end_logits
 
 
 def _wrapper_dynamic_shapes(names, dynamic):
@@ -217,7 +221,7 @@ def _trace(deploy, inputs: dict, dynamic: Sequence[str], opset: int, ops: str):
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                wrapper, args, dynamo=True, opset_version=opset, input_names=names, output_names=[OUTPUT_NAME],
+                wrapper, args, dynamo=True, opset_version=opset, input_names=names, output_names=deploy.output_names,
                 dynamic_shapes=_wrapper_dynamic_shapes(names, dynamic), custom_translation_table=onnx_translation(),
                 optimize=True, verbose=False,
             )
@@ -301,26 +305,68 @@ def _check_id_ranges(deploy, inputs: dict, where: str) -> None:
 
 
 def compare(deploy, onnx_path: Path, batches: list[tuple[str, dict]], atol: dict[str, float]) -> list[Comparison]:
-    """Run the ONNX on onnxruntime and the model in torch on the same batches; compare logits."""
+    """Run the ONNX on onnxruntime and the model in torch on the same batches; compare every output.
+
+    Per-token outputs (token classification, QA) are compared on the real tokens only (padding
+    positions are excluded); the agreement is per token for token classification and the span
+    exact match (start and end both the same) for QA.
+    """
     import numpy as np
 
     from .runtime.ort import OrtRunner
-    from .runtime.torch_runner import TorchRunner
 
-    candidate, reference = OrtRunner(onnx_path), TorchRunner(deploy)
+    candidate = OrtRunner(onnx_path)
     missing = [n for n in candidate.input_names if all(n not in inputs for _, inputs in batches)]
     if missing:
         raise LilyDeployError(f"validation inputs lack {missing[0]}, which the ONNX model needs")
+    names = deploy.output_names
+    absent = [n for n in names if n not in candidate.output_names]
+    if absent:
+        raise LilyDeployError(f"{onnx_path}: the graph has no output {absent[0]} (has {', '.join(candidate.output_names)})")
     results = []
     for label, inputs in batches:
-        ref = reference.infer(inputs)[OUTPUT_NAME]
-        got = candidate.infer(inputs, [OUTPUT_NAME])[OUTPUT_NAME]
-        diff = np.abs(got - ref)
-        rel = diff / np.maximum(np.abs(ref), 1e-6)
-        agree = float((got.reshape(-1, got.shape[-1]).argmax(-1) == ref.reshape(-1, ref.shape[-1]).argmax(-1)).mean())
-        results.append(Comparison(OUTPUT_NAME, label, float(diff.max()), float(rel.max()), agree,
-                                  atol.get(OUTPUT_NAME, atol.get("*", DEFAULT_ATOL))))
+        with torch.no_grad():
+            refs = {k: v.float().numpy() for k, v in deploy.outputs(**inputs).items()}
+        gots = candidate.infer(inputs, names)
+        keep = _real_tokens(deploy, inputs, refs[names[0]])
+        agree = _agreement(deploy.task, gots, refs, keep)
+        for name in names:
+            got, ref = _real(gots[name], keep), _real(refs[name], keep)
+            diff = np.abs(got - ref)
+            rel = diff / np.maximum(np.abs(ref), 1e-6)
+            results.append(Comparison(name, label, float(diff.max(initial=0.0)), float(rel.max(initial=0.0)), agree,
+                                      atol.get(name, atol.get("*", DEFAULT_ATOL))))
     return results
+
+
+def _real_tokens(deploy, inputs: dict, ref):
+    """``[batch, sequence]`` booleans of the real (non-padding) tokens for a per-token output, else None."""
+    import numpy as np
+
+    mask = inputs.get("attention_mask")
+    if deploy.task not in PER_TOKEN_TASKS or mask is None or ref.ndim < 2:
+        return None
+    return np.asarray(mask).astype(bool)
+
+
+def _real(values, keep):
+    """A per-token output at the real tokens only (``[tokens, ...]``); any other output as it is."""
+    return values if keep is None else values[keep]
+
+
+def _agreement(task: str, gots: dict, refs: dict, keep) -> float:
+    """Top-1 agreement on the task's own prediction: class, class per real token, or QA's (start, end) span."""
+    import numpy as np
+
+    if task == "qa":
+        spans = []
+        for out in (gots, refs):
+            start, end = (np.where(keep, out[n], -np.inf) if keep is not None else out[n]
+                          for n in ("start_logits", "end_logits"))
+            spans.append(np.stack([start.argmax(-1), end.argmax(-1)], -1))
+        return float((spans[0] == spans[1]).all(-1).mean())
+    got, ref = _real(gots[OUTPUT_NAME], keep), _real(refs[OUTPUT_NAME], keep)
+    return float((got.reshape(-1, got.shape[-1]).argmax(-1) == ref.reshape(-1, ref.shape[-1]).argmax(-1)).mean())
 
 
 def export_onnx(config: Optional[ExportConfig] = None, /, **fields) -> ExportResult:
@@ -333,9 +379,15 @@ def export_onnx(config: Optional[ExportConfig] = None, /, **fields) -> ExportRes
     config = ExportConfig.resolve(config, **fields)
     output = _check_paths(config)
     deploy, notes, routing = _prepare_model(config)
+    if config.switchable:  # folded layers and decoders cannot switch: one line, before any tracing
+        from .switchable import check_switchable
+
+        check_switchable(deploy, config.source)
     if deploy.task == "causal-lm" and config.cache:
         return _export_decoder(config, deploy, notes, routing, output)
     validation_batches = _validation_batches(config, deploy)
+    if config.validation and deploy.trained_routing in DYNAMIC_MODES and routing in DYNAMIC_MODES:
+        notes += [n for n in [routing_drift(deploy, deploy.trained_routing, routing, validation_batches)] if n]
     trace_inputs = example_inputs(deploy, None, batch_size=2, seed=0)
     model = _build_graph(config, deploy, trace_inputs, routing)
 
@@ -405,12 +457,47 @@ def _check_paths(config: ExportConfig) -> Path:
     return output
 
 
+def routing_drift(deploy, trained: str, routing: str, batches: list[tuple[str, dict]]) -> Optional[str]:
+    """Deployed with another routing than trained: how far torch's logits move on the validation batches.
+
+    Measured, not assumed: the same model and inputs under the trained and the deployed routing;
+    returns one line for the user (None when there is nothing to compare).
+    """
+    import numpy as np
+
+    from .runtime.torch_runner import TorchRunner
+
+    if not batches or trained == routing:
+        return None
+    runner, diffs, agree, rows = TorchRunner(deploy), [], 0, 0
+    try:
+        for _, inputs in batches:
+            deploy.set_routing(trained)
+            before = runner.infer(inputs)[OUTPUT_NAME]
+            deploy.set_routing(routing)
+            after = runner.infer(inputs)[OUTPUT_NAME]
+            diffs.append(float(np.abs(after - before).max()))
+            agree += int((after.argmax(-1) == before.argmax(-1)).sum())
+            rows += after.shape[0]
+    finally:
+        deploy.set_routing(routing)
+    return (f"trained with {trained} routing, exported with {routing}: on the {rows} validation rows the logits "
+            f"move by up to {max(diffs):.3g} and {agree / rows:.1%} keep their top-1 class (torch, {trained} vs "
+            f"{routing}); --routing {trained} deploys what was trained")
+
+
 def _prepare_model(config: ExportConfig):
     """The model as it will be exported: routing set, static layers folded; and what to tell the user."""
     deploy = open_model(config.source, base=config.base)
+    if deploy.task == "seq2seq":
+        kind = getattr(getattr(deploy.model, "config", None), "model_type", "encoder-decoder")
+        raise LilyDeployError(f"{config.source}: a seq2seq ({kind}) model; export supports encoders and decoders, "
+                              "not encoder-decoders yet (inspect reads it)")
     if config.task is not None and config.task != deploy.task:
         raise ConfigError("task", f"{config.task}: the model is a {deploy.task} model")
     deploy = copy.deepcopy(deploy) if deploy.layers else deploy
+    trained = {layer.mode for layer in deploy.layers.values() if layer.mode != "static"}
+    deploy.trained_routing = trained.pop() if len(trained) == 1 else None  # as loaded: the adapter's own
     routing = resolve_routing(config, deploy)
     if deploy.layers:
         deploy.set_routing(routing)
@@ -420,6 +507,9 @@ def _prepare_model(config: ExportConfig):
     fold_static_layers(deploy)
     if not deploy.layers and not deploy.folded:
         notes.append("the model has no Lily layers: exported as a plain model")
+        if deploy.meta.get("new_modules"):  # a backbone with a task head it lacks: random, for latency only
+            notes.append(f"its {', '.join(deploy.meta['new_modules'])} is not in {config.source} and was initialised "
+                         "at random: outputs are for latency and graph checks, not predictions")
     elif not deploy.layers:
         notes.append("every Lily layer is folded: exported as a plain model (no lily::HPMix nodes)")
     deploy.eval()
@@ -445,16 +535,46 @@ def _build_graph(config: ExportConfig, deploy, trace_inputs: dict, routing: str)
     """The traced graph with its provenance metadata, checked by onnx.checker and for one HPMix per layer."""
     import onnx
 
-    model = _trace(deploy, trace_inputs, config.dynamic, config.opset, config.ops)
-    set_metadata(model, _metadata(config, deploy, trace_inputs, routing))
+    extra = {}
+    if config.switchable:  # the adapter tensors as named inputs with defaults, listed in the metadata
+        from .switchable import switchable_graph
+
+        model, extra = switchable_graph(deploy, trace_inputs, config.dynamic, config.opset, config.ops, routing)
+    else:
+        model = _trace(deploy, trace_inputs, config.dynamic, config.opset, config.ops)
+    set_metadata(model, {**_metadata(config, deploy, trace_inputs, routing), **extra})
     try:
         onnx.checker.check_model(model, full_check=True)
     except onnx.checker.ValidationError as exc:
         raise LilyDeployError(f"exported graph fails onnx.checker: {str(exc).splitlines()[0]}") from None
     n_dynamic = len(deploy.layers)
-    if config.ops == "custom" and n_dynamic and len(hpmix_nodes(model)) != n_dynamic:
-        raise LilyDeployError(f"expected {n_dynamic} lily::HPMix nodes, the graph has {len(hpmix_nodes(model))}")
+    if config.ops == "custom" and n_dynamic:
+        calls = count_layer_calls(deploy, trace_inputs)
+        if len(hpmix_nodes(model)) != calls:
+            shared = f" ({calls} calls of {n_dynamic} dynamic layers)" if calls != n_dynamic else ""
+            raise LilyDeployError(f"expected {calls} lily::HPMix nodes{shared}, the graph has {len(hpmix_nodes(model))}")
     return model
+
+
+def count_layer_calls(deploy, inputs: dict) -> int:
+    """How many times one forward calls a dynamic Lily layer: one ``lily::HPMix`` node each.
+
+    A layer whose weights are shared across depth (ALBERT: one layer run by every layer) is
+    called several times; a layer the forward never reaches is not counted.
+    """
+    calls = [0]
+
+    def hook(module, args, output):
+        calls[0] += 1
+
+    handles = [layer.register_forward_hook(hook) for layer in deploy.layers.values()]
+    try:
+        with torch.no_grad():
+            deploy(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls[0]
 
 
 def _metadata(config: ExportConfig, deploy, trace_inputs: dict, routing: str) -> dict:
@@ -466,7 +586,7 @@ def _metadata(config: ExportConfig, deploy, trace_inputs: dict, routing: str) ->
         "lily_deploy.ops": config.ops,
         "lily_deploy.task": deploy.task,
         "lily_deploy.inputs": list(trace_inputs),
-        "lily_deploy.outputs": [OUTPUT_NAME],
+        "lily_deploy.outputs": deploy.output_names,
         "lily_deploy.labels": deploy.labels,
         "lily_deploy.base_model": deploy.meta.get("base_model"),
         "lily_deploy.fold": {"dynamic_layers": n_dynamic, "folded_layers": len(deploy.folded),

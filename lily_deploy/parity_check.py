@@ -402,21 +402,21 @@ def _static(dim) -> Optional[int]:
     return int(dim) if isinstance(dim, int) and dim > 0 else None
 
 
-def open_onnx(path: Path, flag: str = "--candidate", threads: Optional[int] = None) -> Candidate:
+def open_onnx(path: Path, flag: str = "--candidate", threads: Optional[int] = None, adapter=None) -> Candidate:
     from .runtime.onnx_io import load_onnx, metadata
     from .runtime.ort import OrtRunner
 
     model = load_onnx(path, flag=flag)
     meta = metadata(model)
     precision, why = detect_precision(model)
-    runner = OrtRunner(path, threads, flag=flag)
+    runner = OrtRunner(path, threads, flag=flag, adapter=adapter)
     first = runner.input_names[0]
     shape = runner.input_shapes[first]
     batch = _static(shape[0]) if shape else None
     seq = _static(shape[1]) if len(shape) > 1 and first != "pixel_values" else None
     out0 = "logits" if "logits" in runner.output_names else runner.output_names[0]
     classes = _static(runner.output_shapes[out0][-1]) if runner.output_shapes[out0] else None
-    c = Candidate(path.name, path, "onnx", runner.backend, precision, metadata_value(meta, "lily_deploy.routing"),
+    c = Candidate(runner.name, path, "onnx", runner.backend, precision, metadata_value(meta, "lily_deploy.routing"),
                   dict(runner.input_dtypes), list(runner.output_names), batch, seq, classes, meta, runner=runner,
                   vocab=onnx_vocab(model))
     c.notes.append(f"precision {precision}: {why}")
@@ -431,7 +431,7 @@ def _report_dtype(name: Optional[str]) -> Optional[type]:
         return None
 
 
-def open_engine(path: Path) -> Candidate:
+def open_engine(path: Path, adapter=None) -> Candidate:
     """An engine's I/O from its build report; it runs only where a GPU and the runner are.
 
     The header is checked first: a file that is no TensorRT plan is an error here, not a skip.
@@ -440,20 +440,21 @@ def open_engine(path: Path) -> Candidate:
 
     check_engine_header(path, f"--candidate {path}")
     report = read_report(path) or {}
-    inputs = {t["name"]: _report_dtype(t.get("dtype")) for t in report.get("inputs", [])}
+    inputs = {t["name"]: _report_dtype(t.get("dtype")) for t in report.get("inputs", [])
+              if not t["name"].startswith("adapter.")}  # a switchable engine's adapter tensors come from ADAPTER
     outputs = [t["name"] for t in report.get("outputs", [])]
     precision = normalise_precision((report.get("precision") or {}).get("label", "fp32")) or "fp32"
     routing = (report.get("onnx") or {}).get("routing")
     out0 = next((t for t in report.get("outputs", []) if t["name"] == "logits"), None)
     classes = _static((out0.get("onnx_shape") or [None])[-1]) if out0 else None
     report_file = report_path(path)
-    c = Candidate(path.name, path, "engine", "tensorrt", precision, routing, inputs, outputs,
+    c = Candidate(path.name + (f"+{Path(adapter).name}" if adapter else ""), path, "engine", "tensorrt", precision, routing, inputs, outputs,
                   static_classes=classes, meta={"build_report": str(report_file) if report else None})
     if not report:
         c.notes.append(f"no build report {report_file.name}: inputs and outputs are checked when it runs")
     c.skip = _engine_skip_reason(report)
     if c.skip is None:
-        c.runner = _engine_runner(path, c)
+        c.runner = _engine_runner(path, c, adapter)
     return c
 
 
@@ -471,11 +472,11 @@ def _engine_skip_reason(report: dict) -> Optional[str]:
     return None
 
 
-def _engine_runner(path: Path, cand: Candidate) -> Runner:
+def _engine_runner(path: Path, cand: Candidate, adapter=None) -> Runner:
     """The engine's runtime runner (TensorRT is imported lazily: it is optional)."""
     from .runtime.tensorrt import TrtRunner
 
-    engine = TrtRunner(path)
+    engine = TrtRunner(path, adapter=adapter)
     cand.inputs = cand.inputs or {n: None for n in engine.input_names}
     cand.outputs = cand.outputs or list(engine.output_names)
     return engine
@@ -499,16 +500,20 @@ def open_torch_candidate(path: Path, base: Optional[str]) -> Candidate:
 
 def open_candidate(spec: str | Path, base: Optional[str] = None, threads: Optional[int] = None) -> Candidate:
     """An ONNX file, an engine file, or a model folder (adapter / checkpoint, run in torch)."""
-    path = Path(str(spec))
-    if not path.exists():
-        raise LilyDeployError(f"--candidate {path} does not exist")
+    from .runtime import split_adapter_spec
+
+    text, adapter = split_adapter_spec(spec)  # a switchable graph or engine with its adapter: BASE+TASK.onnx_adapter
+    path = Path(text)
+    for p in (path, Path(adapter)) if adapter else (path,):
+        if not p.exists():
+            raise LilyDeployError(f"--candidate {p} does not exist")
     if path.is_dir():
         return open_torch_candidate(path, base)
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        return open_onnx(path, threads=threads)
+        return open_onnx(path, threads=threads, adapter=adapter)
     if suffix in ENGINE_SUFFIXES:
-        return open_engine(path)
+        return open_engine(path, adapter=adapter)
     raise LilyDeployError(f"--candidate {path}: not an .onnx file, an engine ({', '.join(ENGINE_SUFFIXES)}) "
                           "or a model folder")
 
@@ -777,6 +782,26 @@ class _Reference:
         self.model = model
         self.samples = samples
         self.cache: dict = {}
+        modes = {layer.mode for layer in model.layers.values() if layer.mode != "static"}
+        self.trained = modes.pop() if len(modes) == 1 else None  # as loaded: the routing it was trained with
+
+    def drift(self, routing: Optional[str], bs: int) -> Optional[str]:
+        """Compared under another routing than trained: how far that moves the reference itself (measured)."""
+        if self.trained is None or routing in (None, "none", self.trained) or routing not in DYNAMIC_MODES:
+            return None
+        key = ("drift", self.trained, routing, bs)
+        if key not in self.cache:
+            trained, deployed = [], []
+            for idx, real in _plan(len(self.samples), bs, None):
+                batch = self.samples.collate(idx, _pad_to(self.model.task, self.samples, None))
+                trained.append(self.run(batch, self.trained)[:real])
+                deployed.append(self.run(batch, routing)[:real])
+            a, b = np.concatenate(trained), np.concatenate(deployed)
+            self.cache[key] = (f"the reference was trained with {self.trained} routing and is compared under "
+                               f"{routing}: at batch {bs} that alone moves its logits by up to "
+                               f"{float(np.abs(a - b).max()):.3g}, {100 * float(np.mean(a.argmax(-1) == b.argmax(-1))):.2f}% "
+                               f"keep their top-1 class")
+        return self.cache[key]
 
     def run(self, batch: dict[str, torch.Tensor], routing: Optional[str]) -> np.ndarray:
         if routing and routing != "none" and self.model.layers:
@@ -810,12 +835,16 @@ def _check_shape(cand: Candidate, name: str, got: np.ndarray, ref: np.ndarray) -
 
 def _run_batches(cand: Candidate, ref: _Reference, samples: Samples, bs: int, routing: Optional[str], bar):
     """Candidate and reference logits over every sample, batched the same way."""
-    key = (routing, bs, cand.static_batch, cand.static_seq)
+    pad = _pad_to(ref.model.task, samples, cand)
+    key = (routing, bs, cand.static_batch, pad)
     plan = _plan(len(samples), bs, cand.static_batch)
     ref_out = ref.cache.get(key)
-    outs, refs = [], []
+    outs, refs, masks = [], [], []
     for idx, real in plan:
-        batch = samples.collate(idx, cand.static_seq)
+        batch = samples.collate(idx, pad)
+        mask = batch.get("attention_mask")
+        masks.append(None if mask is None or ref.model.task not in PER_TOKEN_TASKS
+                     else mask[:real].numpy().astype(bool))
         got = cand.run(_feeds(batch, cand))
         if ref_out is None:
             refs.append(ref.run(batch, routing)[:real])
@@ -825,7 +854,47 @@ def _run_batches(cand: Candidate, ref: _Reference, samples: Samples, bs: int, ro
         ref_out = np.concatenate(refs)
         ref.cache[key] = ref_out
     got = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
-    return got, ref_out
+    return got, ref_out, (None if masks[0] is None else np.concatenate(masks))
+
+
+# per-token tasks: outputs [batch, sequence, ...] compared on the real tokens only (padding excluded)
+PER_TOKEN_TASKS = ("token-cls", "qa")
+
+
+def _pad_to(task: str, samples: Samples, cand: Optional[Candidate]) -> Optional[int]:
+    """The sequence length batches are padded to: the candidate's fixed one, or for a per-token task the
+    longest sample's (so per-token outputs of every batch line up); None: each batch's longest."""
+    fixed = cand.static_seq if cand is not None else None
+    if fixed or task not in PER_TOKEN_TASKS or not len(samples):
+        return fixed
+    return max(samples.length(i) for i in range(len(samples))) or None
+
+
+def _task_logits(task: str, out: dict) -> np.ndarray:
+    """A candidate's outputs as the reference's ``logits``: QA's start and end logits stacked on a last axis."""
+    if task == "qa" and "logits" not in out:
+        return np.stack([out["start_logits"], out["end_logits"]], -1)
+    return out["logits"]
+
+
+def _task_preds(task: str, logits: np.ndarray, mask: Optional[np.ndarray]) -> np.ndarray:
+    """The task's own predictions: the class per sample, the class per real token (token classification), or
+    QA's span (start and end over the real tokens) as one id per sample, so agreement is span exact match."""
+    if task == "token-cls" and mask is not None:
+        return logits.argmax(-1)[mask]
+    if task == "qa":
+        masked = logits if mask is None else np.where(mask[..., None], logits, -np.inf)
+        return masked[..., 0].argmax(-1) * logits.shape[1] + masked[..., 1].argmax(-1)
+    return logits.argmax(-1)
+
+
+def _task_stats(task: str, logits: np.ndarray, ref: np.ndarray, mask: Optional[np.ndarray]) -> dict:
+    """``output_stats`` per named output, padding positions of per-token outputs set to 0 in both."""
+    if task in PER_TOKEN_TASKS and mask is not None:
+        logits, ref = (np.where(mask[..., None], x, 0.0) for x in (logits, ref))
+    if task == "qa":
+        return {n: output_stats(logits[..., i], ref[..., i]) for i, n in enumerate(("start_logits", "end_logits"))}
+    return {"logits": output_stats(logits, ref)}
 
 
 def _invariance_indices(samples: Samples, k: int) -> list[int]:
@@ -851,16 +920,21 @@ def _invariance(cand: Candidate, ref: _Reference, samples: Samples, routing: Opt
     idx = _invariance_indices(samples, k)
     if len(idx) < 2:
         return Invariance(len(idx), None, 0, None, required, None, "not measured: needs at least 2 samples")
-    mixed = samples.collate(idx, cand.static_seq)
-    together = cand.run(_feeds(mixed, cand))["logits"].astype(np.float64)
+    task, pad = ref.model.task, _pad_to(ref.model.task, samples, cand)
+    mixed = samples.collate(idx, pad)
+    together = _task_logits(task, cand.run(_feeds(mixed, cand))).astype(np.float64)
     ref_together = ref.run(mixed, routing)
     alone, ref_alone = [], []
     for i in idx:
-        one = samples.collate([i], cand.static_seq)
-        alone.append(cand.run(_feeds(one, cand))["logits"][0])
+        one = samples.collate([i], pad)
+        alone.append(_task_logits(task, cand.run(_feeds(one, cand)))[0])
         ref_alone.append(ref.run(one, routing)[0])
     alone = np.stack(alone).astype(np.float64)
     ref_alone = np.stack(ref_alone)
+    if task in PER_TOKEN_TASKS and "attention_mask" in mixed:  # padding positions are not outputs
+        real = mixed["attention_mask"].numpy().astype(bool)[..., None]
+        alone, together, ref_alone, ref_together = (np.where(real, x, 0.0)
+                                                    for x in (alone, together, ref_alone, ref_together))
     diff = float(np.abs(alone - together).max())
     ref_diff = float(np.abs(ref_alone - ref_together).max())
     flips = int(np.sum(alone.argmax(-1) != together.argmax(-1)))
@@ -1041,8 +1115,10 @@ def _run(config: ParityConfig) -> ParityReport:
 def _check_files(config: ParityConfig) -> None:
     """Checks that need no model: a missing candidate or a file that is no engine should not wait for a load."""
     check_reference_path(config.reference)
+    from .runtime import split_adapter_spec
+
     for spec in config.candidates:
-        p = Path(str(spec))
+        p = Path(split_adapter_spec(spec)[0])
         if not p.exists():
             raise LilyDeployError(f"--candidate {p} does not exist")
         if p.is_file() and p.suffix.lower() in ENGINE_SUFFIXES:
@@ -1077,7 +1153,9 @@ def candidate_task(path: Path) -> Optional[str]:
 def _check_tasks(config: ParityConfig, task: str) -> None:
     """Refuse, naming both, a candidate made for another task than the reference (a decoder vs an encoder)."""
     for spec in config.candidates:
-        theirs = candidate_task(Path(str(spec)))
+        from .runtime import split_adapter_spec
+
+        theirs = candidate_task(Path(split_adapter_spec(spec)[0]))
         if theirs and theirs != task:
             raise LilyDeployError(f"--candidate {spec} is a {theirs} model, but --reference {config.reference} is a "
                                   f"{task} model: parity compares a model with its own deployed forms")
@@ -1087,6 +1165,14 @@ def _reference_inputs(config: ParityConfig, ref_model) -> tuple[Samples, str]:
     """The samples the reference is compared on, and the metric (decided by the labels)."""
     samples = load_samples(ref_model, config.data, config.limit, config.max_length, config.text_column,
                            config.label_column, config.num_generated, config.seed)
+    if ref_model.task in PER_TOKEN_TASKS:  # per-token outputs: judged by agreement with the reference's own
+        if config.metric not in (None, "agreement"):
+            raise LilyDeployError(f"--metric {config.metric}: a {ref_model.task} model is compared by agreement "
+                                  "(per token; QA: span exact match); labels per text do not apply")
+        samples.labels = None
+        samples.notes.append("agreement is " + ("the span exact match (argmax start and end over the real tokens)"
+                                                if ref_model.task == "qa" else "per real token")
+                             + "; padding positions are not compared")
     metric = config.metric or ("accuracy" if samples.labels is not None else "agreement")
     if metric in LABELLED_METRICS and samples.labels is None:
         raise LilyDeployError(f"--metric {metric} needs labels, but --data {config.data} has no label column "
@@ -1099,7 +1185,7 @@ def _open_candidates(config: ParityConfig, ref_model, samples: Samples) -> list[
     """Every candidate opened and checked against the reference before any of them runs."""
     cands = [open_candidate(spec, base=config.base, threads=config.threads) for spec in config.candidates]
     for c in cands:
-        check_compatible(c, ref_model, ["logits"])
+        check_compatible(c, ref_model, list(getattr(ref_model, "output_names", ["logits"])))
         top = samples.max_token_id()
         if c.vocab is not None and top is not None and top >= c.vocab:
             raise LilyDeployError(f"--candidate {c.path}: embeds token ids 0..{c.vocab - 1}, but the inputs "
@@ -1142,6 +1228,7 @@ def _compare(c: Candidate, config: ParityConfig, ref: _Reference, samples: Sampl
                              f"instead of {bs}")
             break
     res.invariance = _invariance(c, ref, samples, run_routing if layers else "none", config.invariance_samples, tol)
+    res.notes += [n for n in [ref.drift(run_routing, int(config.batch_sizes[-1]))] if n]
     _judge(res, tol, metric)
     return res
 
@@ -1149,14 +1236,15 @@ def _compare(c: Candidate, config: ParityConfig, ref: _Reference, samples: Sampl
 def _batch_result(c: Candidate, ref: _Reference, samples: Samples, bs: int, routing: Optional[str], metric: str,
                   num_classes: int, bar) -> BatchResult:
     """Candidate vs reference over every sample in batches of ``bs``: the metric, agreement and diffs."""
-    got, ref_out = _run_batches(c, ref, samples, bs, routing, bar)
-    _check_shape(c, "logits", got["logits"], ref_out)
-    ref_preds = ref_out.argmax(-1)
-    preds = got["logits"].argmax(-1)
+    got, ref_out, mask = _run_batches(c, ref, samples, bs, routing, bar)
+    task = ref.model.task
+    logits = _task_logits(task, got)
+    _check_shape(c, "logits", logits, ref_out)
+    ref_preds, preds = _task_preds(task, ref_out, mask), _task_preds(task, logits, mask)
     ref_metric = metric_value(metric, ref_preds, samples.labels, ref_preds, num_classes)
     cand_metric = metric_value(metric, preds, samples.labels, ref_preds, num_classes)
     return BatchResult(c.static_batch or bs, cand_metric, ref_metric, cand_metric - ref_metric,
-                       100.0 * float(np.mean(preds == ref_preds)), {"logits": output_stats(got["logits"], ref_out)})
+                       100.0 * float(np.mean(preds == ref_preds)), _task_stats(task, logits, ref_out, mask))
 
 
 def _report(config: ParityConfig, ref_model, samples: Samples, metric: str, results: list[CandidateResult],

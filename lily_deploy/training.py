@@ -216,10 +216,14 @@ def detect_task(model) -> Optional[str]:
 
 def resolve_model_fields(config: FinetuneConfig) -> FinetuneConfig:
     """``config`` with ``task`` read from the model and ``routing`` set to the task's default where None."""
+    from .core.models import TASKS
+
     task = config.task or detect_task(config.model)
+    if task not in TASKS:  # a token-classification or QA checkpoint: the data says what to train
+        task = None
     routing = config.routing
-    if routing is None:
-        routing = "prompt" if task == "causal-lm" and config.method == "lily" else "batch"
+    if routing is None:  # Lily trains as it deploys: sample (encoders) / prompt (decoders) are export's defaults
+        routing = ("prompt" if task == "causal-lm" else "sample") if config.method == "lily" else "batch"
     return config.replace(task=task, routing=routing)
 
 
@@ -405,8 +409,10 @@ def head_name(model) -> str:
     )
 
 
-def _in_head(name: str, head: Optional[str]) -> bool:
-    return head is not None and re.match(rf"(^|.*\.){re.escape(head)}($|\..*)", name) is not None
+def _in_head(name: str, head) -> bool:
+    """Whether ``name`` lies in the head (a module name, or a list of the modules trained in full)."""
+    heads = [head] if isinstance(head, str) else list(head or [])
+    return any(re.match(rf"(^|.*\.){re.escape(h)}($|\..*)", name) is not None for h in heads)
 
 
 def linear_modules(model, head: Optional[str]) -> dict[str, Any]:
@@ -451,22 +457,45 @@ def abbreviate(names: Sequence[str], limit: int = 12) -> str:
     return ", ".join(out[:limit]) + more
 
 
-def _default_targets(model, model_name: str, linears, decoder: bool) -> list[str]:
-    """A decoder's attention and MLP projections of :data:`DECODER_TARGETS` it has, else PEFT's defaults."""
+# attention projections by the names architectures give them, (query, value) pairs first, then fused q/k/v
+ATTENTION_PAIRS = (("query", "value"), ("q_proj", "v_proj"), ("q_lin", "v_lin"), ("query_proj", "value_proj"),
+                   ("q", "v"))
+FUSED_QKV = ("qkv_proj", "Wqkv", "qkv", "query_key_value", "in_proj", "c_attn")
+
+
+def _derived_targets(linears) -> Optional[list[str]]:
+    """Query and value projections (or a fused q/k/v projection) among the model's own Linear layers."""
+    leaves = {n.rsplit(".", 1)[-1] for n in linears}
+    for pair in ATTENTION_PAIRS:
+        if all(t in leaves for t in pair):
+            return list(pair)
+    return next(([t] for t in FUSED_QKV if t in leaves), None)
+
+
+def default_targets(model, model_name: str, linears, decoder: bool) -> tuple[list[str], str]:
+    """``(targets, where they come from)``: a decoder's projections of :data:`DECODER_TARGETS`, PEFT's default
+    for the model type where every entry is a Linear of the model, else derived from its Linear layers."""
     from peft.utils import TRANSFORMERS_MODELS_TO_LILY_TARGET_MODULES_MAPPING as defaults
 
+    model_type = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
     if decoder:
         present = [t for t in DECODER_TARGETS if any(target_of(n, [t]) for n in linears)]
         if present:
-            return present
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    targets = defaults.get(model_type)
-    if not targets:
-        raise LilyDeployError(
-            f"no default targets for {model_name} ({model_type or type(model).__name__}); name them, e.g. "
-            f"query,value; its Linear modules are: {abbreviate(list(linears))}"
-        )
-    return list(targets)
+            return present, f"the attention and MLP projections of {model_type}"
+    peft_default = defaults.get(model_type)
+    if isinstance(peft_default, list) and all(any(target_of(n, [t]) for n in linears) for t in peft_default):
+        return list(peft_default), f"PEFT's default for {model_type}"
+    derived = _derived_targets(linears)
+    if derived:
+        return derived, f"the attention projections among {model_type}'s Linear layers"
+    conv = conv1d_modules(model)
+    if conv:  # GPT-2: PEFT's default (c_attn) is a Conv1D
+        first = next((t for t in peft_default or [] if any(target_of(n, [t]) for n in conv)),
+                     conv[0].rsplit(".", 1)[-1])
+        raise _no_linear(model, first, None, model_name, linears)
+    have = f"its Linear modules are: {abbreviate(list(linears))}" if linears else "it has no Linear modules to adapt"
+    raise LilyDeployError(f"no default targets for {model_name} ({model_type}): no query/value or q/k/v projection "
+                          f"among its Linear layers; name them with --targets; {have}")
 
 
 def _no_linear(model, t: str, head: Optional[str], model_name: str, linears) -> LilyDeployError:
@@ -475,19 +504,21 @@ def _no_linear(model, t: str, head: Optional[str], model_name: str, linears) -> 
     conv = [n for n in conv1d_modules(model) if target_of(n, [t])]
     if conv:
         return LilyDeployError(f"targets {t!r} of {model_name} are transformers Conv1D layers ({abbreviate(conv, 3)})"
-                               f", which PEFT's Lily does not adapt (nn.Linear only); {have}")
+                               f": its attention uses Conv1D, which PEFT's Lily refuses (nn.Linear only); {have}")
     why = f" (the head {head!r} is trained in full and cannot be a target)" if head else ""
     return LilyDeployError(f"targets {t!r} matches no Linear module of {model_name}{why}; {have}")
 
 
-def resolve_targets(model, targets: Optional[Sequence[str]], head: Optional[str],
-                    model_name: str) -> tuple[list[str], list[str]]:
+def resolve_targets(model, targets: Optional[Sequence[str]], head, model_name: str,
+                    decoder: Optional[bool] = None) -> tuple[list[str], list[str]]:
     """``(targets, adapted layer names)``; a target that matches no Linear is an error listing those that exist.
 
-    ``head``: the classification head (trained in full, never a target); None for a causal LM.
+    ``head``: the classification head, or a list of the modules trained in full (never targets);
+    None for a causal LM. ``decoder`` (default: ``head`` is None) picks a decoder's default targets.
     """
     linears = linear_modules(model, head)
-    targets = _default_targets(model, model_name, linears, head is None) if not targets else targets
+    decoder = head is None if decoder is None else decoder
+    targets = default_targets(model, model_name, linears, decoder)[0] if not targets else targets
     targets = list(dict.fromkeys(t.strip() for t in targets if t and t.strip()))
     for t in targets:
         if not any(target_of(n, [t]) for n in linears):
@@ -868,6 +899,9 @@ class BuiltModel:
     lora_rank: int  # the LoRA rank matched to it (or the one asked for)
     lora_params: int
     hooks: Optional[RoutingHooks] = None  # the routing hooks, for any routing but PEFT's own batch
+    saved: list = field(default_factory=list)  # every module trained in full (modules_to_save): head, new modules
+    new_modules: list = field(default_factory=list)  # the modules the base load initialised at random
+    targets_from: Optional[str] = None  # where default targets came from (None: the user named them)
 
 
 def build_model(base, method: str = "lily", rank: int = 16, lp_stride: int = 2, num_hp: int = 4,
@@ -881,14 +915,22 @@ def build_model(base, method: str = "lily", rank: int = 16, lp_stride: int = 2, 
 
     from .core.models import TASK_TO_PEFT_TASK
 
+    from .core.models import new_modules
+
     head = head_name(base.model) if base.task != "causal-lm" else None
-    targets, adapted = resolve_targets(base.model, targets, head, base.spec)
+    fresh = new_modules(base.model, getattr(base, "new_weights", []))
+    saved = list(dict.fromkeys(([head] if head else []) + fresh))
+    targets_from = None
+    if not targets:
+        targets, targets_from = default_targets(base.model, base.spec, linear_modules(base.model, saved),
+                                                decoder=head is None)
+    targets, adapted = resolve_targets(base.model, targets, saved or None, base.spec, decoder=head is None)
     lily_count = lily_param_count(base.model, adapted, targets, rank, num_hp, lp_stride)
     matched_rank, lora_count = lora_rank_for(base.model, adapted, lily_count)
     if lora_rank:
         matched_rank, lora_count = lora_rank, lora_rank * lora_rank_for(base.model, adapted, 0)[1]  # rank 1's count
     task_type = TASK_TO_PEFT_TASK.get(base.task)
-    to_save = [head] if head else None
+    to_save = list(saved) or None  # PEFT adds its task's head names to this list in place
     if method == "lily":
         from peft import LilyConfig
 
@@ -904,7 +946,8 @@ def build_model(base, method: str = "lily", rank: int = 16, lp_stride: int = 2, 
         warnings.simplefilter("ignore", FutureWarning)
         peft_model = get_peft_model(base.model, config)
     hooks = route_lily_layers(peft_model, routing) if method == "lily" and routing != "batch" else None
-    return BuiltModel(peft_model, head, list(targets), adapted, lily_count, matched_rank, lora_count, hooks)
+    return BuiltModel(peft_model, head, list(targets), adapted, lily_count, matched_rank, lora_count, hooks,
+                      saved=saved, new_modules=fresh, targets_from=targets_from)
 
 
 @dataclass
@@ -963,7 +1006,7 @@ def prepare(config: FinetuneConfig, d: Dist) -> Prepared:
     built.peft_model.to(d.device)
     params = _trainable(built.peft_model)
     trainable = sum(p.numel() for p in params.values())
-    adapter = sum(p.numel() for n, p in params.items() if not _in_head(n, built.head))
+    adapter = sum(p.numel() for n, p in params.items() if not _in_head(n, built.saved))
     return Prepared(data, base, built, params, trainable, adapter)
 
 
@@ -987,7 +1030,11 @@ def describe_run(config: FinetuneConfig, p: Prepared, d: Dist, say: Callable[[st
     what = f"routing {config.routing}" if causal else f"{len(p.data.label_map)} labels"
     say(f"finetune: {config.method} on {p.base.spec} ({p.data.task}, {what}, "
         f"{len(b.adapted)} layers: {abbreviate(b.adapted, 4)})")
-    head = "" if b.head is None else f" + head {p.head:,}"
+    head = "" if not b.saved else f" + head {p.head:,}"
+    if b.targets_from:
+        say(f"targets {', '.join(b.targets)} ({b.targets_from}; --targets to choose others)")
+    if b.new_modules:
+        say(f"trained in full, newly initialised by the base load: {', '.join(b.new_modules)}")
     say(f"trainable parameters: Lily adapter {b.lily_params:,} (r {config.rank}, {config.num_hp} HPs, LP stride "
         f"{config.lp_stride}) vs LoRA adapter {b.lora_params:,} (r {b.lora_rank}); this run: {config.method} "
         f"{p.adapter:,}{head} = {p.trainable:,}")

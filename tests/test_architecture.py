@@ -112,7 +112,7 @@ def test_one_installed_package(tmp_path):
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
-@pytest.mark.parametrize("command", ["", "inspect", "finetune", "fold", "export", "quantize", "build-trt", "generate", "parity",
+@pytest.mark.parametrize("command", ["", "inspect", "finetune", "fold", "export", "quantize", "adapter", "build-trt", "generate", "parity",
                                      "bench", "quickstart"])
 def test_help_imports_neither_torch_nor_onnxruntime(command, tmp_path):
     args = [command, "--help"] if command else ["--help"]

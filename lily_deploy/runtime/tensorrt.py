@@ -24,6 +24,7 @@ import numpy as np
 
 from ..core.errors import LilyDeployError
 from . import cuda_available
+from .ort import ADAPTER_PREFIX
 
 BACKENDS = ("auto", "tensorrt", "tensorrt-rtx")
 
@@ -237,7 +238,11 @@ class TrtRunner:
     """
 
     def __init__(self, engine_path: str | os.PathLike, backend: Optional[str] = None, device: int = 0,
-                 check: bool = True):
+                 check: bool = True, adapter=None):
+        from . import split_adapter_spec
+
+        engine_path, spec_adapter = split_adapter_spec(engine_path)
+        adapter = adapter if adapter is not None else spec_adapter
         self.path = Path(engine_path)
         if not self.path.is_file():
             raise LilyDeployError(f"{self.path}: no such engine file")
@@ -285,7 +290,10 @@ class TrtRunner:
             self.context = self.engine.create_execution_context()
             self.stream = torch.cuda.Stream(self.device)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        # a switchable engine's adapter tensors are inputs too, bound from an adapter (use_adapter), not fed
+        self.adapter_names = [n for n in inputs if n.startswith(ADAPTER_PREFIX)]
+        self.input_names = [n for n in inputs if n not in self.adapter_names]
         self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.profiles = [
             {n: tuple(tuple(int(d) for d in s) for s in self.engine.get_tensor_profile_shape(n, k))
@@ -295,6 +303,31 @@ class TrtRunner:
         self.active_profile = 0
         self._dtypes = {n: getattr(torch, _TORCH_DTYPES[str(self.engine.get_tensor_dtype(n)).split(".")[-1]])
                         for n in names}
+        self.adapter: Optional[dict] = None
+        if adapter is not None:
+            self.use_adapter(adapter)
+        elif self.adapter_names:
+            raise LilyDeployError(f"{self.path}: a switchable engine ({len(self.adapter_names)} adapter tensors as "
+                                  f"inputs) runs with an adapter: give {self.path}+TASK.onnx_adapter")
+
+    def load_adapter(self, adapter) -> dict:
+        """An ``.onnx_adapter`` file's tensors on this runner's GPU, checked against the engine's adapter inputs."""
+        import torch
+
+        from .ort import OrtAdapter, check_adapter_fit
+
+        if not isinstance(adapter, OrtAdapter):
+            adapter = OrtAdapter(adapter)
+        if not self.adapter_names:
+            raise LilyDeployError(f"{self.path}: not a switchable engine, so it takes no adapter ({adapter.path})")
+        info = {"tensors": {n: {"shape": list(self.profiles[0][n][0])} for n in self.adapter_names}}
+        check_adapter_fit(adapter.shapes, info, None, f"adapter {adapter.path}", str(self.path))
+        return {n: torch.as_tensor(a).to(self.device, self._dtypes[n]).contiguous()
+                for n, a in adapter.arrays().items()}
+
+    def use_adapter(self, adapter) -> None:
+        """Bind ``adapter``'s tensors for every later run: one upload of a few hundred KB, no rebuild."""
+        self.adapter = self.load_adapter(adapter)
 
     def __enter__(self):
         return self
@@ -317,14 +350,22 @@ class TrtRunner:
     def __call__(self, feeds: Mapping[str, object], as_torch: bool = False) -> dict:
         return self.infer(feeds, as_torch=as_torch)
 
-    def bind(self, feeds: Mapping[str, object]) -> Callable[[], None]:
+    def bind(self, feeds: Mapping[str, object], adapter=None) -> Callable[[], None]:
         """A zero-argument call that runs the engine on ``feeds`` (outputs stay on the GPU): for timing."""
         feeds = {n: feeds[n] for n in self.input_names}
-        return lambda: self.infer(feeds, as_torch=True)
+        tensors = self.load_adapter(adapter) if adapter is not None else None
+        return lambda: self.infer(feeds, as_torch=True, adapter=tensors)
 
-    def infer(self, feeds: Mapping[str, object], as_torch: bool = False) -> dict:
-        """Run once: ``{input name: array}`` -> ``{output name: numpy array}`` (torch with ``as_torch``)."""
+    def infer(self, feeds: Mapping[str, object], as_torch: bool = False, adapter=None) -> dict:
+        """Run once: ``{input name: array}`` -> ``{output name: numpy array}`` (torch with ``as_torch``).
+
+        ``adapter`` (a path, or tensors from :meth:`load_adapter`) chooses a switchable engine's adapter
+        for this call only; otherwise the one of :meth:`use_adapter`.
+        """
         import torch
+
+        tensors = self.adapter if adapter is None else adapter if isinstance(adapter, dict) \
+            else self.load_adapter(adapter)
 
         missing = [n for n in self.input_names if n not in feeds]
         extra = [n for n in feeds if n not in self.input_names]
@@ -345,6 +386,9 @@ class TrtRunner:
                     raise LilyDeployError(f"{self.path}: {n} shape {_fmt(t.shape)} was refused: "
                                           + "; ".join(self.logger.errors[-2:]))
                 self.context.set_tensor_address(n, t.data_ptr())
+            for n in self.adapter_names:  # resident on the GPU: binding is setting an address
+                self.context.set_input_shape(n, tuple(tensors[n].shape))
+                self.context.set_tensor_address(n, tensors[n].data_ptr())
             outputs = {}
             for n in self.output_names:
                 shape = tuple(self.context.get_tensor_shape(n))

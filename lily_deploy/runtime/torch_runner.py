@@ -22,6 +22,7 @@ class TorchRunner:
             self.model.to(self.device)
         self.backend = "torch-cuda" if self.cuda else "torch-cpu"
         self.input_names = list(model.input_names)
+        self.output_names = list(getattr(model, "output_names", ["logits"]))  # QA: start_logits, end_logits
 
     @property
     def name(self) -> str:
@@ -44,8 +45,12 @@ class TorchRunner:
 
         tensors = self._tensors(feeds)
         with torch.inference_mode():
-            logits = self.model.logits(**tensors)
-        return {"logits": logits.float().cpu().numpy()}
+            if self.output_names == ["logits"]:
+                return {"logits": self.model.logits(**tensors).float().cpu().numpy()}
+            outputs = self.model.outputs(**tensors)
+        out = {k: v.float().cpu().numpy() for k, v in outputs.items()}
+        out["logits"] = np.stack([out[n] for n in self.output_names], -1)  # QA: [batch, sequence, 2], as logits()
+        return out
 
     def bind(self, feeds: Mapping[str, object]) -> Callable[[], None]:
         import torch
