@@ -106,7 +106,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--train-size", type=int, default=9600, help="seeded subset of SST-2 train rows")
     p.add_argument("--dev-size", type=int, default=0, help="SST-2 dev rows to score (0: all)")
-    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--num-hp", type=int, default=4)
     p.add_argument("--lp-stride", type=int, default=2)

@@ -53,11 +53,32 @@ def test_quickstart_fine_tuning_lands_in_the_honest_band(tmp_path):
     assert 0.85 <= result.best_val_accuracy <= 0.95
 
 
+def _plain_reviews(folder, n_train=320, n_val=96):
+    """One-clause reviews (no negation, no contrast, no noise): 40 steps learn them, so the test is about resuming."""
+    import random
+
+    from lily_deploy.datasets import NEGATIVE, POSITIVE, SUBJECTS
+
+    rng = random.Random(1)
+    folder.mkdir(parents=True)
+    paths = []
+    for name, n in (("train.tsv", n_train), ("val.tsv", n_val)):
+        rows = []
+        for _ in range(n):
+            label = rng.randrange(2)
+            rows.append(f"{rng.choice(SUBJECTS)} is {rng.choice(POSITIVE if label else NEGATIVE)}\t"
+                        f"{('negative', 'positive')[label]}\n")
+        (folder / name).write_text("sentence\tlabel\n" + "".join(rows))
+        paths.append(folder / name)
+    return paths
+
+
 def test_quickstart_interrupted_then_resumed(tmp_path, monkeypatch):
     import lily_deploy.precision
 
     out = tmp_path / "qs"
-    args = ["quickstart", "-o", str(out), "--steps", "120", "--no-bench"]  # enough to learn the mixed-sentiment set
+    train, val = _plain_reviews(tmp_path / "plain")
+    args = ["quickstart", "-o", str(out), "--steps", "40", "--no-bench", "--train", str(train), "--val", str(val)]
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
