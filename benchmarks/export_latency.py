@@ -1,8 +1,12 @@
 """onnxruntime latency of base MiniLM vs MiniLM+Lily exported naively, through ``lily-deploy export``
-(sample routing, lily::HPMix), and folded -- in one interleaved run, medians and ratios to the base.
+(sample routing, lily::HPMix), and folded; and the base and the Lily model fused for onnxruntime
+(``export --optimize onnxruntime``: Attention / MultiHeadAttention, SkipLayerNorm, BiasGelu) -- in one
+interleaved run, medians, ratios to the base and to each row's own reference (a fused Lily graph
+against the fused base), with the per-round ratios.
 
     python benchmarks/export_latency.py                # r 32, E 4, LP stride 2 on query,value
     python benchmarks/export_latency.py --adapter DIR  # your own MiniLM adapter
+    python benchmarks/export_latency.py --workdir W --reuse --rounds 7   # rerun on the graphs kept in W
 
 The Lily adapter is random but non-zero (as after training): latency does not depend on the values.
 """
@@ -49,6 +53,10 @@ def export_naive(adapter: Path, out: Path) -> Path:
     return out
 
 
+# the row each row is compared with (besides the base): a fused Lily graph against the fused base
+REFERENCE = {"base fused": "base", "lily-deploy fused": "base fused"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapter", type=Path, default=None)
@@ -63,6 +71,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is over all of them")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--reuse", action="store_true", help="keep graphs already in --workdir (same adapter and settings)")
     args = ap.parse_args()
 
     import numpy as np
@@ -77,20 +86,32 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     from lily_deploy.core.adapters import random_lily_adapter
 
-    adapter = args.adapter or random_lily_adapter("minilm", work / "adapter", ["query", "value"], num_labels=2,
-                                                  rank=args.rank, num_hp=args.num_hp, lp_stride=args.stride)
+    adapter = args.adapter or (work / "adapter" if args.reuse and (work / "adapter").exists() else None)
+    adapter = adapter or random_lily_adapter("minilm", work / "adapter", ["query", "value"], num_labels=2,
+                                             rank=args.rank, num_hp=args.num_hp, lp_stride=args.stride)
     print(f"building graphs in {work} ...", file=sys.stderr)
     paths = {
         "base": work / "base.onnx",
         "lily naive (PEFT as is)": work / "naive.onnx",
         "lily-deploy (sample, HPMix)": work / "lily.onnx",
         "lily-deploy folded": work / "folded.onnx",
+        "base fused": work / "base.fused.onnx",
+        "lily-deploy fused": work / "lily.fused.onnx",
     }
-    export_onnx(source="minilm", output=paths["base"], validation=False)
-    export_naive(adapter, paths["lily naive (PEFT as is)"])
-    export_onnx(source=adapter, output=paths["lily-deploy (sample, HPMix)"], routing="sample")
-    fold(source=adapter, output=work / "folded_ckpt", strategy="all", random_inputs=True, size=8, progress=False)
-    export_onnx(source=work / "folded_ckpt", output=paths["lily-deploy folded"])
+    builders = {
+        "base": lambda p: export_onnx(source="minilm", output=p, validation=False),
+        "lily naive (PEFT as is)": lambda p: export_naive(adapter, p),
+        "lily-deploy (sample, HPMix)": lambda p: export_onnx(source=adapter, output=p, routing="sample"),
+        "lily-deploy folded": lambda p: (fold(source=adapter, output=work / "folded_ckpt", strategy="all",
+                                              random_inputs=True, size=8, progress=False),
+                                         export_onnx(source=work / "folded_ckpt", output=p)),
+        # fused for onnxruntime (export --optimize onnxruntime), validated against torch like every export
+        "base fused": lambda p: export_onnx(source="minilm", output=p, optimize="onnxruntime"),
+        "lily-deploy fused": lambda p: export_onnx(source=adapter, output=p, routing="sample", optimize="onnxruntime"),
+    }
+    for name, build in builders.items():
+        if not (args.reuse and paths[name].exists()):
+            build(paths[name])
 
     sessions = {k: ort_session(p, threads=args.threads) for k, p in paths.items()}
     rng = np.random.default_rng(0)
@@ -103,6 +124,7 @@ def main() -> None:
                 s.run(None, feeds)
         times = {k: [] for k in sessions}
         ratios = {k: [] for k in sessions}
+        ref_ratios = {k: [] for k in sessions}
         iters = max(10, args.iters // max(1, bs // 2))
         order = list(sessions)
         for _ in range(args.rounds):
@@ -115,9 +137,13 @@ def main() -> None:
             for k, v in round_times.items():
                 times[k].extend(v)
                 ratios[k].append(statistics.median(v) / statistics.median(round_times["base"]))
+                ref_ratios[k].append(statistics.median(v) / statistics.median(round_times[REFERENCE.get(k, "base")]))
         med = {k: 1000 * statistics.median(v) for k, v in times.items()}
         results[bs] = {k: {"median_ms": med[k], "ratio_to_base": med[k] / med["base"],
-                           "round_ratios": [round(r, 4) for r in ratios[k]]} for k in med}
+                           "reference": REFERENCE.get(k, "base"),
+                           "ratio_to_reference": med[k] / med[REFERENCE.get(k, "base")],
+                           "round_ratios": [round(r, 4) for r in ratios[k]],
+                           "round_ratios_to_reference": [round(r, 4) for r in ref_ratios[k]]} for k in med}
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -127,15 +153,18 @@ def main() -> None:
     print(f"\nonnxruntime {ort.__version__}, {args.threads} threads, sequence {args.seq_len}, CPU: {cpu}")
     print(f"Lily r {args.rank}, E {args.num_hp}, LP stride {args.stride} on query,value"
           + (f" (adapter {args.adapter})" if args.adapter else " (random non-zero adapter)"))
-    print(f"medians over {args.rounds} interleaved rounds; per-round ratios in brackets show the noise")
-    header = f"| {'model':<30} |" + "".join(f" batch {bs} ms | ratio | per-round ratios |" for bs in results)
+    print(f"medians over {args.rounds} interleaved rounds; 'vs ref' is the ratio to the row's reference "
+          "(fused rows: base fused; others: base), with its per-round ratios, which show the noise")
+    header = f"| {'model':<30} |" + "".join(f" batch {bs} ms | / base | vs ref | per-round vs ref |"
+                                            for bs in results)
     print(header)
-    print("|" + "-" * 32 + "|" + "------------|-------|------------------|" * len(results))
+    print("|" + "-" * 32 + "|" + "------------|--------|--------|------------------|" * len(results))
     for k in paths:
         row = f"| {k:<30} |"
         for bs in results:
-            rr = " ".join(f"{r:.3f}" for r in results[bs][k]["round_ratios"])
-            row += f" {results[bs][k]['median_ms']:10.2f} | {results[bs][k]['ratio_to_base']:5.3f} | {rr:<16} |"
+            r = results[bs][k]
+            rr = " ".join(f"{x:.3f}" for x in r["round_ratios_to_reference"])
+            row += f" {r['median_ms']:10.2f} | {r['ratio_to_base']:6.3f} | {r['ratio_to_reference']:6.3f} | {rr:<16} |"
         print(row)
     if args.json:
         args.json.write_text(json.dumps({"results": results, "threads": args.threads, "cpu": cpu,

@@ -31,17 +31,16 @@ META_KEY = "lily_deploy.optimize"
 ORT_DOMAIN = "com.microsoft"
 LILY_DOMAIN = "lily"
 ATTENTION_OPS = ("Attention", "MultiHeadAttention")
-FUSED_OPS = ATTENTION_OPS + ("SkipLayerNormalization", "BiasGelu", "FastGelu", "Gelu", "EmbedLayerNormalization")
 
 
 def optimize_graph(model, target: str, where: str = "the model"):
-    """``model`` (a ModelProto) for ``target``: as it is for "none", fused for "onnxruntime".
+    """``model`` (a ModelProto) for ``target`` and a line for the user: as it is for "none", fused for "onnxruntime".
 
     The metadata is kept and ``lily_deploy.optimize`` records the target, the fused operator
     counts and the tool; a graph in which no attention fused is an error (it would be no faster).
     """
     if target == "none":
-        return model
+        return model, "not optimised: standard ONNX for any runtime"
     if target != "onnxruntime":
         raise LilyDeployError(f"--optimize {target}: choose one of {', '.join(OPTIMIZE)}")
     from .runtime.onnx_io import metadata, set_metadata
@@ -61,7 +60,9 @@ def optimize_graph(model, target: str, where: str = "the model"):
     if not has_hpmix and meta.get("lily_deploy.ops") == "custom":
         meta["lily_deploy.ops"] = "standard"  # the fuser inlines the lily::HPMix bodies
     set_metadata(fused, meta)
-    return fused
+    inlined = "; the lily::HPMix bodies are inlined" if lifted and not has_hpmix else ""
+    return fused, (f"fused for onnxruntime ({_counts_line(counts)}; {len(lifted)} Lily terms added to their "
+                   f"projections{inlined}): for onnxruntime only, build-trt needs --optimize none")
 
 
 def _json(value) -> str:
@@ -128,7 +129,7 @@ def _rename_uses(graph, old: str, new: str) -> None:
 
 def _fuse(model):
     """onnxscript's onnxruntime fusions on a copy of ``model``; returns the fused ModelProto."""
-    import onnx_ir as ir
+    from onnxscript import ir
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
     graph_ir = ir.serde.deserialize_model(model)
@@ -146,6 +147,9 @@ def restore_adapter_terms(model, lifted: list[tuple[str, str]]) -> None:
 
     graph = model.graph
     temporary = {n for pair in lifted for n in pair}
+    kept = [o for o in graph.output if o.name not in temporary]
+    del graph.output[:]
+    graph.output.extend(kept)
     produced = {o for n in graph.node for o in n.output}
     for projection, term in lifted:
         if projection not in produced:
@@ -154,9 +158,6 @@ def restore_adapter_terms(model, lifted: list[tuple[str, str]]) -> None:
         joined = f"{projection}.lily"
         _rename_uses(graph, projection, joined)
         graph.node.append(helper.make_node("Add", [projection, term], [joined], name=f"{joined}.add"))
-    kept = [o for o in graph.output if o.name not in temporary]
-    del graph.output[:]
-    graph.output.extend(kept)
     _topological_sort(graph)
 
 

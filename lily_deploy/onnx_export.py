@@ -80,6 +80,7 @@ class ExportConfig(StageConfig):
     cache: bool = True  # decoders: KV cache and routing state as inputs/outputs (False: a plain logits graph)
     allow_inconsistent_routing: bool = False  # decoders: export batch/sample routing under a cache anyway
     switchable: bool = False  # adapter tensors as graph inputs with defaults (lily_deploy.switchable)
+    optimize: str = "none"  # "onnxruntime": fused Attention/SkipLayerNorm/BiasGelu (lily_deploy.graph_optimize)
 
     def __post_init__(self) -> None:
         dynamic = self.dynamic.split(",") if isinstance(self.dynamic, str) else (self.dynamic or ())
@@ -97,6 +98,10 @@ class ExportConfig(StageConfig):
         if bad_axes:
             raise ConfigError("dynamic", f"{bad_axes[0]!r}: axes are {' and '.join(AXES)}")
         check_choice("task", self.task, TASKS, allow_none=True)
+        check_choice("optimize", self.optimize, ("none", "onnxruntime"))
+        if self.optimize != "none" and (self.ops != "custom" or self.switchable):
+            raise ConfigError("optimize", f"{self.optimize} needs --ops custom and no --switchable (the fuser "
+                                          "finds the Lily terms by their lily::HPMix nodes)")
         for tol in self.atol.values():
             check_number("atol", tol, minimum=0)
 
@@ -384,6 +389,8 @@ def export_onnx(config: Optional[ExportConfig] = None, /, **fields) -> ExportRes
 
         check_switchable(deploy, config.source)
     if deploy.task == "causal-lm" and config.cache:
+        if config.optimize != "none":
+            raise ConfigError("optimize", f"{config.optimize} is for encoders; a decoder with its cache exports unfused")
         return _export_decoder(config, deploy, notes, routing, output)
     validation_batches = _validation_batches(config, deploy)
     if config.validation and deploy.trained_routing in DYNAMIC_MODES and routing in DYNAMIC_MODES:
@@ -392,6 +399,11 @@ def export_onnx(config: Optional[ExportConfig] = None, /, **fields) -> ExportRes
     model = _build_graph(config, deploy, trace_inputs, routing)
 
     result = ExportResult(output, routing, config.ops, len(deploy.layers), len(deploy.folded), notes=notes)
+    if config.optimize != "none":  # fused for onnxruntime, then validated like every export
+        from .graph_optimize import optimize_graph
+
+        model, fused_note = optimize_graph(model, config.optimize, str(config.source))
+        result.notes.append(fused_note)
     with staged_onnx(output) as staged:
         staged.write(model, config.external_data)
         if config.validation:

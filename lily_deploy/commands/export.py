@@ -36,9 +36,13 @@ FLAGS = {"source": "MODEL", "output": "-o", "validation": "--no-validate", "inpu
 @click.option("--switchable", is_flag=True,
               help="Encoders: the Lily LPs, routers, HP pools and head as graph inputs (this adapter's values as "
                    "defaults), so one graph runs any adapter packed for it with 'lily-deploy adapter pack'.")
+@click.option("--optimize", type=click.Choice(["none", "onnxruntime"]), default="none", show_default=True,
+              help="onnxruntime: fuse attention, SkipLayerNorm and BiasGelu into onnxruntime's own ops (com.microsoft; "
+                   "for onnxruntime only, build-trt refuses it), the Lily terms added to the fused projections.")
 @base_option
 def command(model, output, routing, ops, opset, dynamic, external_data, task, no_validate, atol, data,
-            inputs_npz, text_column, keep_on_failure, no_cache, allow_inconsistent_routing, switchable, base):
+            inputs_npz, text_column, keep_on_failure, no_cache, allow_inconsistent_routing, switchable, optimize,
+            base):
     """Export MODEL (adapter folder, deploy checkpoint, or base model) to ONNX and validate it.
 
     \b
@@ -57,7 +61,7 @@ def command(model, output, routing, ops, opset, dynamic, external_data, task, no
                          validation=not no_validate, atol=parse_tolerances(atol, "--atol"), data=data,
                          inputs_npz=inputs_npz, keep_on_failure=keep_on_failure, base=base, text_column=text_column,
                          cache=not no_cache, allow_inconsistent_routing=allow_inconsistent_routing,
-                         switchable=switchable)
+                         switchable=switchable, optimize=optimize)
     with usage_errors(FLAGS):
         result = (export_folder if is_folder_output(output) else export_onnx)(config)
     for note in result.notes:
