@@ -58,6 +58,7 @@ class AdapterSite:
     softmax: list[str] = field(default_factory=list)
     mixing: list[str] = field(default_factory=list)  # body nodes not on h: reductions, p @ pool, casts
     hp_path: list[str] = field(default_factory=list)  # other body nodes on h (the final scale)
+    state: bool = False  # lily::HPMixState (decoders, prompt/causal): the whole body is routing state and mixing
 
     @property
     def adapter_matmuls(self) -> list[str]:
@@ -113,12 +114,14 @@ def inline_functions(model):
 
     ``sites`` maps each ``lily::HPMix`` node (recorded before inlining) to its LP, router, HP
     MatMuls and mixing-vector nodes, by the names they carry after inlining
-    (``<hpmix node>/<body tensor>``).
+    (``<hpmix node>/<body tensor>``). ``lily::HPMixState`` (a decoder's routing state) stays a
+    function call: its body is routing state and mixing, kept fp32 whole, and its ``If``
+    branches read tensors from the outer scope, which FP16 converters do not follow.
     """
     import onnx
     import onnx.inliner
 
-    from ..converters.hpmix import DOMAIN
+    from ..converters.hpmix import DOMAIN, STATE_OP_TYPE
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
     used = {n.name for n in model.graph.node if n.name}
@@ -129,34 +132,42 @@ def inline_functions(model):
     sites = [site for site, _ in calls]
     if not model.functions:
         return model, sites
-    inlined = onnx.inliner.inline_local_functions(model)
+    kept = [(f.domain, f.name) for f in model.functions if (f.domain, f.name) == (DOMAIN, STATE_OP_TYPE)]
+    inlined = onnx.inliner.inline_selected_functions(model, kept, exclude=True)
+    called = {(n.domain, n.op_type) for n in inlined.graph.node}
+    functions = [f for f in inlined.functions if (f.domain, f.name) in kept and (f.domain, f.name) in called]
     del inlined.functions[:]
-    keep = [o for o in inlined.opset_import if o.domain != DOMAIN]
-    del inlined.opset_import[:]
-    inlined.opset_import.extend(keep)
+    inlined.functions.extend(functions)
+    if not functions:
+        keep = [o for o in inlined.opset_import if o.domain != DOMAIN]
+        del inlined.opset_import[:]
+        inlined.opset_import.extend(keep)
     nodes = list(inlined.graph.node)
     producers = {o: n for n in nodes for o in n.output}
     order = {id(n): i for i, n in enumerate(nodes)}  # graph order is topological
-    for site, (h, output) in calls:
-        _sort_body(site, h, _body_nodes(output, producers, order), used)
+    for site, (inputs, outputs) in calls:
+        if site.state:
+            site.mixing = [site.hpmix]
+            continue
+        _sort_body(site, inputs[0], _body_nodes(outputs, producers, order), used)
     for i, n in enumerate(inlined.graph.node):  # nested or foreign functions: name what is left
         if not n.name:
             n.name = _unique(f"{n.op_type}_inlined_{i}", used)
     return inlined, sites
 
 
-def _hpmix_calls(model) -> list[tuple[AdapterSite, tuple[str, str]]]:
+def _hpmix_calls(model) -> list[tuple[AdapterSite, tuple[list[str], list[str]]]]:
     """Each HPMix node as a site with its LP and router (found by position, before inlining),
-    with the tensors its body is traced between after inlining: ``h`` (input 0) and its output."""
-    from ..converters.hpmix import DOMAIN, OP_TYPE
+    with the tensors its body is traced between after inlining: its inputs (``h`` first) and outputs."""
+    from ..converters.hpmix import DOMAIN, OP_TYPE, STATE_OP_TYPE
 
     producers = {o: n for n in model.graph.node for o in n.output}
     calls = []
     for n in model.graph.node:
-        if n.domain == DOMAIN and n.op_type == OP_TYPE:
+        if n.domain == DOMAIN and (n.op_type in (OP_TYPE, STATE_OP_TYPE) or n.op_type.startswith(OP_TYPE + "_")):
             site = AdapterSite(n.name, _layer_name(n), lp=_producer_matmul(n.input[0], producers),
-                               router=_producer_matmul(n.input[1], producers))
-            calls.append((site, (n.input[0], n.output[0])))
+                               router=_producer_matmul(n.input[1], producers), state=n.op_type == STATE_OP_TYPE)
+            calls.append((site, (list(n.input), list(n.output))))
     return calls
 
 
@@ -180,9 +191,9 @@ def _sort_body(site: AdapterSite, h: str, body: list, used: set) -> None:
             site.mixing.append(n.name)
 
 
-def _body_nodes(output: str, producers: dict, order: dict) -> list:
-    """The unnamed (inlined) nodes that compute ``output``, in reverse topological order."""
-    out, stack, seen = [], [output], set()
+def _body_nodes(outputs: Sequence[str], producers: dict, order: dict) -> list:
+    """The unnamed (inlined) nodes that compute ``outputs``, in reverse topological order."""
+    out, stack, seen = [], list(outputs), set()
     while stack:
         name = stack.pop()
         node = producers.get(name)
@@ -190,8 +201,20 @@ def _body_nodes(output: str, producers: dict, order: dict) -> list:
             continue
         seen.add(id(node))
         out.append(node)
-        stack.extend(node.input)
+        stack.extend(list(node.input) + outer_inputs(node))
     return sorted(out, key=lambda n: -order[id(n)])  # consumers first: reversed() runs forwards
+
+
+def outer_inputs(node) -> list[str]:
+    """The outer-scope tensors the subgraphs of ``node`` (If, Loop, Scan) read without declaring them."""
+    names: list[str] = []
+    for attr in node.attribute:
+        for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            local = {i.name for i in g.input} | {t.name for t in g.initializer}
+            for n in g.node:
+                names += [i for i in list(n.input) + outer_inputs(n) if i and i not in local]
+                local.update(n.output)
+    return list(dict.fromkeys(names))
 
 
 def _unique(name: str, used: set) -> str:
@@ -258,10 +281,7 @@ class Plan:
 
 
 def int8_plan(model, sites: list[AdapterSite], adapter_precision: str, user: list[str]) -> Plan:
-    kept: dict[str, list[str]] = {
-        "softmax (router)": [n for s in sites for n in s.softmax],
-        "mixing vector": [n for s in sites for n in s.mixing],
-    }
+    kept = _routing_kept(sites)
     if adapter_precision == "fp32":
         kept["adapter MatMuls (--adapter-precision fp32)"] = [n for s in sites for n in s.adapter_matmuls]
     kept["--exclude-nodes/--exclude-op-types"] = user
@@ -309,12 +329,43 @@ def quantize_int8(model, reader, method: str, plan: Plan, output_path: str,
     return {"quantized_candidates": len(targets), "op_types": op_types}
 
 
+STATE_KEY = "routing state, softmax and mixing (lily::HPMixState, fp32 body)"
+FP32_CASTS_KEY = "the graph's own fp32 casts and rotary angles"
+
+
+def _routing_kept(sites: list[AdapterSite]) -> dict[str, list[str]]:
+    """The nodes every precision keeps fp32: router softmax, mixing vector, a decoder's routing state."""
+    return {
+        "softmax (router)": [n for s in sites for n in s.softmax],
+        "mixing vector": [n for s in sites if not s.state for n in s.mixing],
+        STATE_KEY: [n for s in sites if s.state for n in s.mixing],
+    }
+
+
+def fp32_islands(model) -> list[str]:
+    """Nodes an FP16 graph keeps fp32 on purpose: the exporter's casts to fp32 (RMSNorm's upcast, the
+    rotary positions) and the rotary angles (``position * inv_freq`` to Cos/Sin: positions in the
+    hundreds have no fp16 precision left for the angle)."""
+    import onnx
+
+    float_casts = [n for n in model.graph.node if n.op_type == "Cast"
+                   and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in n.attribute)]
+    float_casts += [n for n in model.graph.node if n.op_type == "ConstantOfShape"  # its dtype is its value's
+                    and all(a.t.data_type == onnx.TensorProto.FLOAT for a in n.attribute if a.name == "value")]
+    reach = {t.name for t in model.graph.initializer if "inv_freq" in t.name}
+    angles = []
+    for n in model.graph.node:  # graph order is topological: forwards from inv_freq up to Cos/Sin
+        if any(i in reach for i in n.input):
+            angles.append(n)
+            if n.op_type not in ("Cos", "Sin"):
+                reach.update(n.output)
+    return list(dict.fromkeys(n.name for n in float_casts + angles))
+
+
 def fp16_plan(model, sites: list[AdapterSite], adapter_precision: str, user: list[str],
               keep_sensitive: bool = True) -> Plan:
-    kept: dict[str, list[str]] = {
-        "softmax (router)": [n for s in sites for n in s.softmax],
-        "mixing vector": [n for s in sites for n in s.mixing],
-    }
+    kept = _routing_kept(sites)
+    kept[FP32_CASTS_KEY] = fp32_islands(model)
     if adapter_precision == "fp32":
         kept["adapter (--adapter-precision fp32)"] = [n for s in sites for n in s.adapter_matmuls + s.hp_path]
     if keep_sensitive:
@@ -331,12 +382,65 @@ def convert_fp16(model, plan: Plan):
 
     from onnxconverter_common import float16
 
+    model, fenced = _outputs_apart(model, set(plan.excluded()))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "values truncated to fp16 range" per tensor; summarised by validation
-        return float16.convert_float_to_float16(
+        converted = float16.convert_float_to_float16(
             model, keep_io_types=True, op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST),
-            node_block_list=plan.excluded(),
+            node_block_list=plan.excluded() + fenced,
         )
+    _float_outputs(converted, {o.name for o in model.graph.output if o.type.tensor_type.elem_type == 1})
+    return converted
+
+
+def _float_outputs(model, names: set) -> None:
+    """Outputs that were fp32 stay fp32: after a node kept fp32 the converter may end an output in a
+    Cast to fp16 (an fp32 -> fp32 Cast then)."""
+    import onnx
+
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for out in model.graph.output:
+        if out.name in names and out.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+            node = producers.get(out.name)
+            if node is not None and node.op_type == "Cast":
+                for a in node.attribute:
+                    if a.name == "to":
+                        a.i = onnx.TensorProto.FLOAT
+            out.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+
+
+def _outputs_apart(model, blocked: set):
+    """A copy where no node reads a graph output, nor does a ``blocked`` node write one: each such
+    output gets an internal twin and an Identity to the output; returns ``(model, Identity nodes
+    to keep fp32)`` (those after a blocked node).
+
+    A decoder's ``present.*`` keys and values are outputs that later nodes read too (grouped-query
+    attention repeats them); the FP16 converter casts an output back to fp32 in place, so its
+    readers would get the fp32 tensor their fp16 types do not expect; and it declares the output
+    of a node kept fp32 (the routing state) fp16.
+    """
+    import onnx
+
+    outputs = {o.name for o in model.graph.output}
+    read = {i for n in model.graph.node for i in n.input} & outputs
+    from_blocked = {o for n in model.graph.node if n.name in blocked for o in n.output} & outputs
+    read |= from_blocked
+    if not read:
+        return model, []
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    for n in model.graph.node:
+        for k, name in enumerate(n.output):
+            if name in read:
+                n.output[k] = f"{name}/internal"
+        for k, name in enumerate(n.input):
+            if name in read:
+                n.input[k] = f"{name}/internal"
+    for name in sorted(read):
+        model.graph.node.append(onnx.helper.make_node("Identity", [f"{name}/internal"], [name], name=f"{name}/output"))
+    kept = [v for v in model.graph.value_info if v.name not in read]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
+    return model, [f"{name}/output" for name in sorted(from_blocked)]  # fp32 like their producers
 
 
 def count_quantized(model) -> dict:

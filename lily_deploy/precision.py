@@ -6,6 +6,11 @@ weights: the form TensorRT accepts; ``calib/qdq.py``). The same graphs run on on
 CPU, so every run ends by measuring them against the fp32 graph on held-out data (top-1
 agreement, task accuracy, logit differences) and refuses to write a graph that loses more
 accuracy than ``max_accuracy_drop`` allows.
+
+Exported decoders (causal LMs, with or without a KV cache) go to
+:mod:`lily_deploy.decoder_precision`: FP16, INT8 and INT4 weight-only, judged by generation
+(greedy-token agreement and perplexity against the fp32 decoder). An encoder given ``fp16`` and
+no data is validated on generated inputs, as ``export`` is.
 """
 from __future__ import annotations
 
@@ -25,7 +30,9 @@ from .core.fileio import check_not_input, check_output_parent, sha256_file
 from .runtime.onnx_io import load_onnx, metadata, set_metadata, staged_onnx
 from .runtime.ort import OrtRunner
 
-PRECISIONS = ("int8", "fp16")
+PRECISIONS = ("int8", "fp16", "int4")
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+GENERATED_ROWS = 64  # fp16 without data: validated on this many generated inputs
 DEFAULT_CALIB_SIZE = 256
 DEFAULT_VAL_SIZE = 1000
 DEFAULT_MAX_DROP = 1.0
@@ -95,9 +102,10 @@ class QuantizeResult:
     sqnr: dict = field(default_factory=dict)  # int8 MatMul -> SQNR (dB) of its activation inputs, first pass
     min_sqnr: Optional[float] = None
     int8_target: str = "tensorrt"
-    validation: Optional[Validation] = None
+    validation: Optional[Validation] = None  # a DecoderValidation for decoders
     written: bool = False
     notes: list[str] = field(default_factory=list)
+    summary: list[str] = field(default_factory=list)  # decoders: what was converted (replaces the encoder lines)
     seconds: float = 0.0
 
     @property
@@ -105,8 +113,10 @@ class QuantizeResult:
         return self.validation is None or bool(self.validation)
 
     def table(self) -> str:
-        lines = []
-        if self.precision == "int8":
+        lines = list(self.summary)
+        if self.summary:
+            pass
+        elif self.precision == "int8":
             form = ("symmetric int8 activations (for TensorRT)" if self.int8_target == "tensorrt" else
                     "asymmetric uint8 activations (for onnxruntime on x86; TensorRT rejects it)")
             lines.append(f"int8 Q/DQ: {form}, per-channel int8 weights, float biases; "
@@ -121,7 +131,7 @@ class QuantizeResult:
                                  "MatMul/Gemm kept fp32")
         else:
             lines.append("fp16: fp16 weights and activations, fp32 inputs and outputs")
-        if self.adapter_layers:
+        if self.adapter_layers and not self.summary:
             adapter = {"int8": "int8 (LP, router, h @ B~ MatMuls)", "fp16": "fp16 (LP, router, h @ B~)",
                        "fp32": "fp32 (LP, router, h @ B~)"}[self.adapter_precision]
             lines.append(f"  lily::HPMix: {self.adapter_layers} layers inlined; adapter {adapter}; "
@@ -253,6 +263,13 @@ class QuantizeConfig(StageConfig):
     strict: bool = False
     keep_on_failure: bool = False
     progress: bool = True
+    block_size: int = 32
+    int4_target: str = "onnxruntime"
+    int4_method: str = "rtn"
+    int4_embedding: bool = False
+    new_tokens: int = 16
+    min_token_agreement: float = 90.0
+    max_ppl_increase: float = 5.0
 
     def __post_init__(self) -> None:
         for name in ("exclude_nodes", "exclude_op_types"):  # a lone string is one name, not its letters
@@ -263,6 +280,7 @@ class QuantizeConfig(StageConfig):
     def validate(self) -> None:
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("adapter_precision", self.adapter_precision, (self.precision, "fp32"), allow_none=True)
+        self._validate_decoder_fields()
         check_choice("calib_method", self.calib_method, qdq.CALIB_METHODS)
         check_choice("int8_target", self.int8_target, qdq.INT8_TARGETS)
         for name in ("calib_size", "val_size"):
@@ -276,9 +294,26 @@ class QuantizeConfig(StageConfig):
             raise ConfigError("min_sqnr", "is for int8 (fp16 keeps sensitive ops fp32 by op type)")
         if self.precision == "int8" and self.calib is None:
             raise ConfigError("calib", "int8 needs calibration data (TSV/CSV/JSONL, image folder or .npz)")
-        if self.calib is None and self.val is None:
+        if self.precision == "int8" and self.calib is None and self.val is None:
             raise ConfigError("val", f"{self.precision} ends with a validation: give validation data "
                                      "(or calibration data, whose unused rows are held out)")
+
+    def _validate_decoder_fields(self) -> None:
+        from .decoder_precision import INT4_METHODS, INT4_TARGETS
+
+        check_choice("block_size", self.block_size, BLOCK_SIZES)
+        check_choice("int4_target", self.int4_target, INT4_TARGETS)
+        check_choice("int4_method", self.int4_method, INT4_METHODS)
+        if self.precision == "int4" and self.int4_target == "tensorrt" and self.int4_method != "rtn":
+            raise ConfigError("int4_method", f"{self.int4_method} writes onnxruntime's MatMulNBits only; the "
+                                             "tensorrt target takes rtn (blockwise INT4 DequantizeLinear)")
+        if self.int4_embedding and (self.precision != "int4" or self.int4_target != "onnxruntime"
+                                    or self.int4_method != "rtn"):
+            raise ConfigError("int4_embedding", "is for int4 with the onnxruntime target and rtn "
+                                                "(onnxruntime's GatherBlockQuantized)")
+        check_number("new_tokens", self.new_tokens, minimum=1, integer=True)
+        check_number("min_token_agreement", self.min_token_agreement, minimum=0, maximum=100)
+        check_number("max_ppl_increase", self.max_ppl_increase, minimum=0)
 
     @property
     def adapter(self) -> str:
@@ -297,6 +332,17 @@ def quantize(config: Optional[QuantizeConfig] = None, /, **fields) -> QuantizeRe
     model_path, output = Path(config.model_path), Path(config.output)
     _check_output(config, model_path, output)
     source, meta = _load_source(model_path)
+    from .decoder_precision import is_decoder, quantize_decoder
+
+    if is_decoder(source, meta):
+        result = QuantizeResult(output, config.precision, config.adapter, 0, int8_target=config.int8_target,
+                                method=config.calib_method if config.precision == "int8" else None)
+        quantize_decoder(config, source, meta, result)
+        result.seconds = time.perf_counter() - started
+        return result
+    if config.precision == "int4":
+        raise LilyDeployError(f"{model_path}: --int4 (weight-only) is for decoders, whose speed is bound by reading "
+                              "weights; an encoder is compute-bound: quantize it with --int8 or --fp16")
     inlined, sites = qdq.inline_functions(source)
     user = qdq.resolve_exclusions(inlined, config.exclude_nodes, config.exclude_op_types)
     if config.precision == "int8":
@@ -371,6 +417,8 @@ def _data_sets(config: QuantizeConfig, specs, meta: dict, result: QuantizeResult
         calib_set = load_calibration(calib, size=config.calib_size, strict=config.strict, flag="--calib",
                                      uniform_length=config.calib_method != "minmax", **common)
         result.calib, result.calib_rows = Path(calib).name, len(calib_set)
+    if config.val is None and calib is None:
+        return None, *_generated_set(config, specs, common, result)
     if config.val is not None:
         val_set = load_calibration(config.val, size=config.val_size, strict=False, flag="--val", warn_short=False,
                                    **common)
@@ -387,6 +435,41 @@ def _data_sets(config: QuantizeConfig, specs, meta: dict, result: QuantizeResult
                                warn_short=False, **common)
     kind = "held-out " if used else ""
     return calib_set, val_set, f"{len(val_set)} {kind}rows of {Path(calib).name}"
+
+
+def _generated_set(config: QuantizeConfig, specs, common: dict, result: QuantizeResult):
+    """``fp16`` without data: validate, as ``export`` does, on generated inputs (seeded review sentences
+    for text models, seeded uniform values for the others), and say so."""
+    import random
+    import tempfile
+
+    import numpy as np
+
+    from .datasets import review
+
+    folder = Path(tempfile.mkdtemp(prefix="lily-generated-"))
+    try:
+        if any(s.name == "input_ids" for s in specs):
+            rng = random.Random(config.seed)
+            path, what = folder / "generated.jsonl", f"{GENERATED_ROWS} generated inputs (seeded review sentences)"
+            path.write_text("".join(json.dumps({"text": review(rng)[0]}) + "\n" for _ in range(GENERATED_ROWS)))
+        else:
+            gen, arrays = np.random.default_rng(config.seed), {}
+            for s in specs:  # dynamic axes: the rows, then 224 for images and 16 otherwise
+                fill = 224 if s.name == "pixel_values" else 16
+                shape = [GENERATED_ROWS] + [d if isinstance(d, int) else fill for d in list(s.shape)[1:]]
+                floating = np.issubdtype(np.dtype(s.dtype), np.floating)
+                arrays[s.name] = gen.uniform(-1, 1, shape).astype(s.dtype) if floating else np.zeros(shape, s.dtype)
+            path, what = folder / "generated.npz", f"{GENERATED_ROWS} generated inputs (seeded uniform values)"
+            np.savez(path, **arrays)
+        data = load_calibration(path, size=None, strict=False, flag="--val", warn_short=False,
+                                **{**common, "cache_dir": None, "text_column": "text", "label_column": None})
+    finally:
+        for f in folder.iterdir():
+            f.unlink()
+        folder.rmdir()
+    result.notes.append(f"no --val given: validated on {what}; give --val for a measure on your data")
+    return data, what
 
 
 def _convert_int8(config: QuantizeConfig, inlined, plan: qdq.Plan, calib_set: CalibSet, folder: Path,

@@ -300,6 +300,7 @@ def resolve_profiles(inputs: list[TensorSpec], shapes: Sequence[str] = (), min_s
 
 
 DECODER_RANGES = {"batch": (1, 32), "context": 512}  # default decoder profiles: batch, longest sequence
+DECODER_CACHE_PREFIXES = ("past_key_values.", "past_routing.")  # the inputs only a cached decoder has
 
 
 def is_decoder_graph(inputs: list[TensorSpec]) -> bool:
@@ -344,6 +345,12 @@ def _check_specs(group: ShapeGroup, fields: Sequence[str], by_name: dict[str, Te
     """Every given shape names an input of the ONNX, with its rank and its fixed dims."""
     for spec, field_name in zip(group, fields):
         for name, shape in spec.items():
+            if name not in by_name and name.startswith(DECODER_CACHE_PREFIXES) and \
+                    not is_decoder_graph(list(by_name.values())):
+                raise ConfigError(field_name, f"{name}:{_fmt(shape)}: decoder (prefill/decode) profiles need a "
+                                              "graph with a KV cache, and this one has no past_key_values.* inputs "
+                                              "(exported with --no-cache?); give shapes for its inputs "
+                                              f"({', '.join(by_name)}) or export the decoder with its cache")
             if name not in by_name:
                 raise ConfigError(field_name, f"{name}:{_fmt(shape)}: the ONNX has no input {name!r} "
                                               f"(inputs: {', '.join(by_name)})")
@@ -694,8 +701,13 @@ class _Plan:
 
 def _plan(config: BuildConfig) -> _Plan:
     """Load the ONNX and check every choice against it and the backend, before the long work."""
+    from .graph_optimize import refuse_for_tensorrt
+    from .switchable import engine_graph
+
     model = load_onnx(config.onnx_path)
+    refuse_for_tensorrt(model, config.onnx_path)  # onnxruntime's fused ops are not TensorRT's
     _check_outputs(config, model)
+    model, n_adapter = engine_graph(model)  # a switchable graph: its adapter tensors become engine inputs
     inputs, outputs = onnx_io(model)
     given = config.shapes or config.min_shapes or config.opt_shapes or config.max_shapes
     if not given and is_decoder_graph(inputs):
@@ -708,6 +720,9 @@ def _plan(config: BuildConfig) -> _Plan:
     legacy = _legacy_flags(config, be)
     strongly_typed = not legacy and hasattr(be.trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
     route, parse_bytes = _plugin_route(config, model, be)
+    if n_adapter:  # fixed-shape inputs (profile min = opt = max); the runner binds an adapter's tensors
+        parse_bytes = parse_bytes if parse_bytes is not None else model.SerializeToString()
+        notes.append(f"{n_adapter} adapter tensors are engine inputs: run it as ENGINE+TASK.onnx_adapter")
     return _Plan(config, model, inputs, outputs, profiles, be, gpu, targets, notes, legacy, strongly_typed,
                  route, parse_bytes)
 

@@ -121,6 +121,18 @@ def test_int4_weight_only_per_target(llama_onnx, prompts, tmp_path, target):
     assert out.stat().st_size < 0.65 * llama_onnx.stat().st_size
 
 
+def test_int4_embedding_too(llama_onnx, prompts, tmp_path):
+    out = tmp_path / "int4.emb.onnx"
+    result = _quantize(llama_onnx, out, "--int4", "--int4-embedding", "--val", prompts, *SMALL, *LOOSE)
+    assert result.exit_code == 0 and "token embedding included" in result.output, result.output
+    assert "GatherBlockQuantized" in {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert _info(out)["embedding"] == "int4 (GatherBlockQuantized)"
+    assert out.stat().st_size < 0.25 * llama_onnx.stat().st_size
+    bad = _quantize(llama_onnx, tmp_path / "b.onnx", "--int4", "--int4-embedding", "--int4-target", "tensorrt",
+                    "--val", prompts)
+    assert bad.exit_code == 2 and "'--int4-embedding'" in bad.output
+
+
 def test_int4_calibrated_methods_on_the_cpu(llama_onnx, prompts, tmp_path):
     for method in ("hqq", "gptq"):
         out = tmp_path / f"{method}.onnx"

@@ -4,7 +4,7 @@ import click
 from .options import data_column_options, make_config, usage_errors
 
 # QuantizeConfig field -> flag, where the flag is not --field-name
-FLAGS = {"model_path": "MODEL.onnx", "output": "-o", "precision": "--int8/--fp16",
+FLAGS = {"model_path": "MODEL.onnx", "output": "-o", "precision": "--int8/--fp16/--int4", "new_tokens": "--new-tokens",
          "keep_sensitive": "--no-keep-sensitive"}
 
 
@@ -27,6 +27,24 @@ def _size(ctx, param, value):
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
 @click.option("--int8", "precision", flag_value="int8", help="INT8 Q/DQ from calibration data (needs --calib).")
 @click.option("--fp16", "precision", flag_value="fp16", help="FP16 weights and activations, fp32 inputs/outputs.")
+@click.option("--int4", "precision", flag_value="int4",
+              help="Decoders: INT4 weight-only (blockwise, symmetric) for the linear layers' weights.")
+@click.option("--block-size", default=32, show_default=True, type=int,
+              help="--int4: weights per scale along the input dimension (16, 32, 64, 128 or 256).")
+@click.option("--int4-target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
+              show_default=True, help="--int4: onnxruntime's MatMulNBits, or blockwise INT4 DequantizeLinear "
+                                      "weights (what TensorRT builds).")
+@click.option("--int4-method", type=click.Choice(["rtn", "hqq", "gptq"]), default="rtn", show_default=True,
+              help="--int4: round-to-nearest, HQQ, or GPTQ (calibrated on --calib prompts); hqq/gptq: onnxruntime "
+                   "target only.")
+@click.option("--int4-embedding", is_flag=True,
+              help="--int4 (onnxruntime target, rtn): the token embedding too (GatherBlockQuantized).")
+@click.option("--new-tokens", default=16, show_default=True, type=int,
+              help="Decoders: greedy tokens per prompt for validation (and for calibration).")
+@click.option("--min-token-agreement", default=90.0, show_default=True, type=float, metavar="PERCENT",
+              help="Decoders: exit 1 when fewer greedy steps agree with the fp32 decoder.")
+@click.option("--max-ppl-increase", default=5.0, show_default=True, type=float, metavar="PERCENT",
+              help="Decoders: exit 1 when response/text perplexity rises by more than this.")
 @click.option("--calib", type=click.Path(), default=None,
               help="Calibration data: TSV/CSV/JSONL text, image folder, or .npz (one array per input).")
 @click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
@@ -42,7 +60,7 @@ def _size(ctx, param, value):
               help="Validation rows (a seeded random choice), or 'all'.")
 @click.option("--max-accuracy-drop", default=1.0, show_default=True, type=float,
               help="Exit 1 (and write nothing) when accuracy drops by more points than this.")
-@click.option("--adapter-precision", type=click.Choice(["int8", "fp16", "fp32"]), default=None,
+@click.option("--adapter-precision", type=click.Choice(["int8", "fp16", "int4", "fp32"]), default=None,
               help="Lily LP/router/HP MatMuls: same as the model (default) or kept fp32. "
                    "The router softmax and mixing vector are always fp32.")
 @click.option("--exclude-nodes", multiple=True, callback=_names, metavar="NAME,...",
@@ -67,15 +85,21 @@ def _size(ctx, param, value):
 @click.option("--strict", is_flag=True, help="Fail when fewer calibration rows exist than --calib-size asks.")
 @click.option("--keep-on-failure", is_flag=True, help="Write the file even when validation fails.")
 @data_column_options
-def command(onnx_file, output, precision, calib, calib_method, calib_size, seed, batch_size, max_length, val, val_size,
+def command(onnx_file, output, precision, block_size, int4_target, int4_method, int4_embedding, new_tokens,
+            min_token_agreement, max_ppl_increase, calib, calib_method, calib_size, seed, batch_size, max_length, val, val_size,
             max_accuracy_drop, adapter_precision, exclude_nodes, exclude_op_types, int8_target, min_sqnr,
             no_keep_sensitive, tokenizer,
             source_model, cache_dir, no_cache, strict, keep_on_failure, text_column, label_column):
-    """Write an FP16 or INT8 (Q/DQ) version of MODEL.onnx and validate it against MODEL.onnx.
+    """Write an FP16, INT8 (Q/DQ) or (decoders) INT4 version of MODEL.onnx and validate it against MODEL.onnx.
 
     \b
     lily-deploy quantize model.onnx --int8 --calib train.tsv -o model.int8.onnx
     lily-deploy quantize model.onnx --fp16 --val dev.tsv -o model.fp16.onnx
+    lily-deploy quantize llm.onnx --int4 --val prompts.jsonl -o llm.int4.onnx     # decoders
+
+    A decoder (exported causal LM) takes the prompts JSONL of generate for --calib/--val and is
+    judged by greedy-token agreement and perplexity against the fp32 decoder
+    (--min-token-agreement, --max-ppl-increase).
 
     lily::HPMix nodes are inlined first (quantizers skip function nodes). The result is
     measured against MODEL.onnx on held-out rows (top-1 agreement, accuracy, logit
@@ -88,7 +112,7 @@ def command(onnx_file, output, precision, calib, calib_method, calib_size, seed,
     from ..precision import QuantizeConfig, quantize
 
     if precision is None:
-        raise click.UsageError("choose --int8 or --fp16")
+        raise click.UsageError("choose --int8 or --fp16 (or, for a decoder, --int4)")
     cache = {"cache_dir": None} if no_cache else ({"cache_dir": cache_dir} if cache_dir else {})
     config = make_config(QuantizeConfig, flags=FLAGS, model_path=onnx_file, output=output, precision=precision,
                          calib=calib, calib_method=calib_method, calib_size=calib_size, seed=seed,
@@ -97,7 +121,10 @@ def command(onnx_file, output, precision, calib, calib_method, calib_size, seed,
                          exclude_nodes=exclude_nodes, exclude_op_types=exclude_op_types, int8_target=int8_target,
                          min_sqnr=min_sqnr, keep_sensitive=not no_keep_sensitive, tokenizer=tokenizer,
                          model=source_model, text_column=text_column, label_column=label_column, strict=strict,
-                         keep_on_failure=keep_on_failure, **cache)
+                         keep_on_failure=keep_on_failure, block_size=block_size, int4_target=int4_target,
+                         int4_method=int4_method, int4_embedding=int4_embedding, new_tokens=new_tokens,
+                         min_token_agreement=min_token_agreement,
+                         max_ppl_increase=max_ppl_increase, **cache)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CalibrationWarning)
         try:
@@ -110,6 +137,8 @@ def command(onnx_file, output, precision, calib, calib_method, calib_size, seed,
     click.echo(result.table())
     if not result.passed:
         kept = f"; {output} written anyway (--keep-on-failure)" if result.written else f"; {output} not written"
+        if hasattr(result.validation, "failures"):
+            raise LilyDeployError(f"validation failed: {'; '.join(result.validation.failures)}{kept}")
         raise LilyDeployError(f"validation failed: {result.validation.metric} dropped "
                               f"{result.validation.drop:.2f} points, more than --max-accuracy-drop "
                               f"{max_accuracy_drop:g}{kept}")
