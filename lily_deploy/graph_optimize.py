@@ -191,6 +191,9 @@ def refuse_for_tensorrt(model, path) -> None:
 
     tagged = META_KEY in metadata(model)
     ort_ops = sorted({n.op_type for n in model.graph.node if n.domain == ORT_DOMAIN})
+    if ort_ops == ["MatMulNBits"] and not tagged:
+        raise LilyDeployError(f"{path}: holds onnxruntime's MatMulNBits (quantize --int4 --int4-target onnxruntime); "
+                              "for TensorRT quantize the fp32 graph with --int4 --int4-target tensorrt")
     if tagged or ort_ops:
         what = f"onnxruntime-only ops {', '.join(ort_ops[:4])}" if ort_ops else "an onnxruntime-optimised graph"
         raise LilyDeployError(f"{path}: holds {what} (export --optimize onnxruntime); TensorRT needs the "

@@ -222,9 +222,10 @@ def precision_summary(model) -> dict:
         if n.domain not in ("", "ai.onnx", "ai.onnx.ml"):
             key = f"{n.domain}::{n.op_type}"
             custom[key] = custom.get(key, 0) + 1
-    quant_types = sorted({ONNX_DTYPES.get(t.data_type, "?") for t in model.graph.initializer
-                          if t.name in {n.input[2] for n in nodes if n.op_type in ("QuantizeLinear", "DequantizeLinear")
-                                        and len(n.input) > 2}})
+    quantized = {n.input[0] for n in nodes if n.op_type == "DequantizeLinear"} | \
+        {n.input[2] for n in nodes if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2}
+    quant_types = sorted({ONNX_DTYPES.get(t.data_type, "?") for t in model.graph.initializer if t.name in quantized}
+                         - {"float32", "float16"})
     if q or dq:
         label = "int8 (Q/DQ)" if not quant_types or "int8" in quant_types else f"{'/'.join(quant_types)} (Q/DQ)"
     elif casts.get("float16") or "float16" in inits:

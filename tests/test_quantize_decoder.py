@@ -201,3 +201,18 @@ def test_quantized_decoders_build_with_tensorrt_rtx_for_two_targets(llama_onnx, 
                           compute_capabilities=["sm86", "sm89"], progress=False)
     assert (tmp_path / "e.plan").stat().st_size > 1_000_000
     assert len(report["profiles"]) == 2  # prefill and decode
+    from lily_deploy.runtime.onnx_io import load_onnx
+    from lily_deploy.trt_build import precision_summary
+
+    label = precision_summary(load_onnx(graph))["label"]
+    assert label == {"fp16": "fp16", "int8": "int8 (Q/DQ)", "int4": "int4 (Q/DQ)"}[precision]
+
+
+def test_build_trt_names_the_int4_target_for_a_matmulnbits_graph(llama_onnx, prompts, tmp_path):
+    graph = tmp_path / "int4.ort.onnx"
+    assert _quantize(llama_onnx, graph, "--int4", "--val", prompts, *SMALL, *LOOSE).exit_code == 0
+    result = CliRunner().invoke(cli, ["build-trt", str(graph), "--backend", "tensorrt-rtx", "-o",
+                                      str(tmp_path / "p.plan")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "MatMulNBits" in result.output and "--int4-target tensorrt" in result.output
+    assert not (tmp_path / "p.plan").exists()
