@@ -172,60 +172,11 @@ def build(work: Path, args) -> dict:
 
 # ---- the timing ------------------------------------------------------------------------------
 
-class Run:
-    """One model's generation in progress: the cache, mask, positions and the token to feed next."""
-
-    def __init__(self, decoder, ids, mask, pos):
-        self.decoder, self.ids, self.mask, self.pos = decoder, ids, mask, pos
-        self.cache = self.feed = None
-
-    def prefill(self) -> float:
-        start = self.decoder.start(self.ids.shape[0])
-        t = time.perf_counter()
-        logits, self.cache = self.decoder.step(self.ids, self.mask, self.pos, start)
-        elapsed = time.perf_counter() - t
-        self._advance(logits)
-        return elapsed
-
-    def step(self) -> float:
-        t = time.perf_counter()
-        logits, self.cache = self.decoder.step(self.feed, self.mask, self.pos, self.cache)
-        elapsed = time.perf_counter() - t
-        self._advance(logits)
-        return elapsed
-
-    def _advance(self, logits) -> None:
-        """Greedy next token and the grown mask/positions: outside the timed call, as a server would overlap it."""
-        import numpy as np
-
-        self.feed = logits[:, -1].argmax(-1).astype(np.int64)[:, None]
-        self.mask = np.concatenate([self.mask, np.ones((self.mask.shape[0], 1), np.int64)], axis=1)
-        self.pos = self.pos[:, -1:] + 1
-
-
-def iteration(decoders: dict, prompt, new_tokens: int, first: int) -> dict:
-    """One prefill + ``new_tokens`` steps per model, the models taking turns call by call from ``first``.
-
-    The order is reversed every other cycle of starts, so each model also follows a different neighbour
-    (what ran just before a call -- its weights in the CPU caches -- shifts its time a little).
-    """
-    names = list(decoders)
-    order = names[first % len(names):] + names[:first % len(names)]
-    if (first // len(names)) % 2:
-        order.reverse()
-    runs = {n: Run(decoders[n], *prompt) for n in names}
-    prefill = {n: runs[n].prefill() for n in order}
-    steps = {n: 0.0 for n in names}
-    for _ in range(new_tokens):
-        for n in order:
-            steps[n] += runs[n].step()
-    return {n: (prefill[n], steps[n] / new_tokens) for n in names}
-
-
 def measure(decoders: dict, batch: int, args) -> dict:
     """Medians (and per-iteration ratios to the base) of prefill and decode-step time at one batch size."""
     import numpy as np
 
+    from lily_deploy.decoder_bench import iteration  # the timing loop `lily-deploy bench` runs for decoders
     from lily_deploy.generation import left_pad
 
     rng = np.random.default_rng(batch)

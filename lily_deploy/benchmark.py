@@ -418,6 +418,7 @@ class BenchConfig(StageConfig):
     memory: bool = True
     seed: int = 0
     progress: bool = True
+    new_tokens: int = 32  # decoders: greedy decode steps timed per iteration (seq_lens are prompt lengths)
 
     def __post_init__(self) -> None:
         for name in ("models", "batch_sizes", "seq_lens", "base"):
@@ -438,6 +439,7 @@ class BenchConfig(StageConfig):
         check_number("threads", self.threads, 1, integer=True, allow_none=True)
         check_number("warmup", self.warmup, 0, integer=True)
         check_number("iters", self.iters, 1, integer=True)
+        check_number("new_tokens", self.new_tokens, 1, integer=True)
         check_number("seed", self.seed, integer=True)
         if self.backends is not None:
             if not self.backends:
@@ -459,6 +461,11 @@ def run_bench(config: Optional[BenchConfig] = None, /, **fields) -> BenchReport:
     started = time.perf_counter()
     specs, base_labels = _resolve_models(config.models, config.base)
     threads = int(config.threads or torch.get_num_threads())
+    decoders = _decoder_models(specs)
+    if decoders:
+        from .decoder_bench import run_decoder_bench
+
+        return run_decoder_bench(config, specs, base_labels, threads, _cpu())
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     skipped: list[dict] = []
@@ -484,6 +491,19 @@ def run_bench(config: Optional[BenchConfig] = None, /, **fields) -> BenchReport:
     model_info = [{"label": m.label, "spec": m.spec, "kind": m.kind,
                    "backends": [r.backend for r in runners if r.model is m]} for m in specs]
     return BenchReport(settings, model_info, results, skipped, time.perf_counter() - started, notes)
+
+
+def _decoder_models(specs: list[BenchModel]) -> bool:
+    """True when the models are causal LMs (timed by generation); a mix with encoders is refused."""
+    from .decoder_bench import is_decoder_model
+
+    flags = {m.label: is_decoder_model(m) for m in specs}
+    if any(flags.values()) and not all(flags.values()):
+        enc = next(label for label, dec in flags.items() if not dec)
+        dec = next(label for label, d in flags.items() if d)
+        raise LilyDeployError(f"model {enc}: is not a causal LM, but {dec} is; bench decoders (prefill and decode "
+                              "with a KV cache) and encoders in separate runs")
+    return bool(flags) and all(flags.values())
 
 
 def _load_targets(config: BenchConfig, specs: list[BenchModel], threads: int, skipped: list[dict]) -> list[BenchTarget]:

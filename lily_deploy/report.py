@@ -194,7 +194,8 @@ def plot_parity(report: dict, path: str | os.PathLike) -> Optional[str]:
     return None
 
 
-PLOTTERS = {"parity": plot_parity, "bench": plot_bench}
+PLOTTERS = {"parity": plot_parity, "bench": plot_bench,
+            "decoder-bench": lambda report, path: "no plot for decoder benchmarks: the table says it all"}
 
 
 def report_paths(folder: str | os.PathLike, kind: str) -> dict[str, Path]:

@@ -23,7 +23,9 @@ def _backends(ctx, param, value):
 @click.argument("models", nargs=-1, metavar="MODEL...")
 @click.option("--batch-sizes", callback=int_list, default="1,8,32", show_default=True)
 @click.option("--seq-lens", callback=int_list, default="32,128,512", show_default=True,
-              help="Sequence lengths (ignored for image models).")
+              help="Sequence lengths (ignored for image models; prompt lengths for decoders).")
+@click.option("--new-tokens", default=32, show_default=True,
+              help="Decoders: greedy decode steps with the KV cache timed per iteration.")
 @click.option("--threads", type=int, default=None, help="CPU threads for torch and onnxruntime (default: torch's).")
 @click.option("--warmup", default=3, show_default=True, help="Warm-up calls per runner and shape.")
 @click.option("--iters", default=20, show_default=True, help="Timed calls per runner and shape (interleaved).")
@@ -43,7 +45,7 @@ def _backends(ctx, param, value):
               help="Write bench.json, bench.md and bench.png here.")
 @click.option("--markdown", is_flag=True, help="Print the Markdown table instead of the text table.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the table.")
-def command(models, batch_sizes, seq_lens, threads, warmup, iters, backends, base, routing, base_model, memory,
+def command(models, batch_sizes, seq_lens, new_tokens, threads, warmup, iters, backends, base, routing, base_model, memory,
             report_dir, markdown, as_json):
     """Latency p50/p90/p99, throughput and memory of each MODEL on each backend, in one interleaved run.
 
@@ -51,6 +53,8 @@ def command(models, batch_sizes, seq_lens, threads, warmup, iters, backends, bas
     MODEL is an ONNX file (onnxruntime), an engine .plan (TensorRT, GPU only), an adapter folder
     or deploy checkpoint (torch eager), or a base model name such as minilm; LABEL=MODEL names it
     in the table. Runners take turns call by call so a noisy machine slows all alike.
+    Causal LMs (graphs with a KV cache, decoder adapters) are timed by generation: prefill ms
+    and decode tokens/s over --new-tokens greedy steps, with ratios to --base.
     Example:  lily-deploy bench base=minilm lily=out/adapter base=base.onnx lily=lily.onnx
               --base base --batch-sizes 1,8 --seq-lens 128
     """
@@ -59,7 +63,7 @@ def command(models, batch_sizes, seq_lens, threads, warmup, iters, backends, bas
     from ..benchmark import BenchConfig, parse_model, run_bench
 
     config = make_config(BenchConfig, flags={"models": "MODEL"}, models=models, batch_sizes=batch_sizes,
-                         seq_lens=seq_lens, threads=threads, warmup=warmup, iters=iters, backends=backends, base=base,
+                         seq_lens=seq_lens, new_tokens=new_tokens, threads=threads, warmup=warmup, iters=iters, backends=backends, base=base,
                          routing=routing, base_model=base_model, memory=memory)
     inputs = {f"model {m.spec}": m.spec for m in map(parse_model, (*models, *base))}
     inputs["--base-model"] = base_model
