@@ -29,9 +29,11 @@ KIND = "decoder-bench"
 def is_decoder_model(m) -> bool:
     """Whether a :class:`~lily_deploy.benchmark.BenchModel` is a causal LM (graph with a KV cache, adapter, ...)."""
     if m.kind == "onnx":
+        from .runtime import split_adapter_spec
         from .runtime.onnx_io import load_onnx
 
-        names = [i.name for i in load_onnx(Path(m.spec), flag=f"model {m.label}").graph.input]
+        graph, _ = split_adapter_spec(m.spec)  # a switchable graph with its adapter: the graph decides
+        names = [i.name for i in load_onnx(Path(graph), flag="model").graph.input]
         return any(n.startswith("past_key_values.") for n in names)
     if m.kind == "torch":
         return _folder_task(Path(m.spec)) == "causal-lm"
