@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 import warnings
@@ -176,30 +175,13 @@ def measure(decoders: dict, batch: int, args) -> dict:
     """Medians (and per-iteration ratios to the base) of prefill and decode-step time at one batch size."""
     import numpy as np
 
-    from lily_deploy.decoder_bench import iteration  # the timing loop `lily-deploy bench` runs for decoders
+    from lily_deploy.decoder_bench import measure as measure_prompt  # the loop `lily-deploy bench` runs
     from lily_deploy.generation import left_pad
 
     rng = np.random.default_rng(batch)
     vocab = min(d.vocab_size for d in decoders.values())
     prompt = left_pad(rng.integers(1000, vocab, (batch, args.prompt_len)).tolist(), 0)
-    for i in range(args.warmup):
-        iteration(decoders, prompt, args.new_tokens, i)
-    samples = [iteration(decoders, prompt, args.new_tokens, i) for i in range(args.iters)]
-    out = {}
-    for n in decoders:
-        prefill = statistics.median(s[n][0] for s in samples)
-        step = statistics.median(s[n][1] for s in samples)
-        paired = sorted(s["base"][1] / s[n][1] for s in samples)  # this iteration's tok/s ratio to the base
-        out[n] = {"prefill_ms": 1000 * prefill, "decode_ms_per_token": 1000 * step, "tokens_per_s": batch / step,
-                  "tokens_per_s_ratio_p25": _quantile(paired, 0.25), "tokens_per_s_ratio_p75": _quantile(paired, 0.75)}
-    for n in decoders:
-        out[n]["prefill_ratio"] = out[n]["prefill_ms"] / out["base"]["prefill_ms"]
-        out[n]["tokens_per_s_ratio"] = out[n]["tokens_per_s"] / out["base"]["tokens_per_s"]
-    return out
-
-
-def _quantile(values: list, q: float) -> float:
-    return values[min(len(values) - 1, int(q * len(values)))]
+    return measure_prompt(decoders, prompt, args.new_tokens, args.warmup, args.iters, base="base")
 
 
 # ---- the report ------------------------------------------------------------------------------
@@ -211,7 +193,7 @@ def table(results: dict) -> str:
         for n, r in per.items():
             lines.append(f"| {n} | {batch} | {r['prefill_ms']:.2f} | {r['prefill_ratio']:.3f} | "
                          f"{r['decode_ms_per_token']:.3f} | {r['tokens_per_s']:.1f} | {r['tokens_per_s_ratio']:.3f} "
-                         f"({r['tokens_per_s_ratio_p25']:.3f}-{r['tokens_per_s_ratio_p75']:.3f}) |")
+                         f"({r['ratio_p25']:.3f}-{r['ratio_p75']:.3f}) |")
     return "\n".join(lines)
 
 

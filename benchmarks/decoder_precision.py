@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 import warnings
@@ -37,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 warnings.filterwarnings("ignore")
 
-from decoder_latency import _quantile, cpu_name, iteration, log, save_base  # noqa: E402
+from decoder_latency import cpu_name, log, save_base  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 TIMED = ("fp32", "fp16", "int8", "int4", "int4 + embedding")
@@ -110,22 +109,12 @@ def build(work: Path, args) -> dict:
 def measure(decoders: dict, batch: int, args) -> dict:
     import numpy as np
 
+    from lily_deploy.decoder_bench import measure as measure_prompt  # the loop `lily-deploy bench` runs
     from lily_deploy.generation import left_pad
 
     rng = np.random.default_rng(batch)
     prompt = left_pad(rng.integers(1000, 30000, (batch, args.prompt_len)).tolist(), 0)
-    for i in range(args.warmup):
-        iteration(decoders, prompt, args.new_tokens, i)
-    samples = [iteration(decoders, prompt, args.new_tokens, i) for i in range(args.iters)]
-    out = {}
-    for n in decoders:
-        step = statistics.median(s[n][1] for s in samples)
-        paired = sorted(s["fp32"][1] / s[n][1] for s in samples)
-        out[n] = {"prefill_ms": 1000 * statistics.median(s[n][0] for s in samples), "tokens_per_s": batch / step,
-                  "ratio_p25": _quantile(paired, 0.25), "ratio_p75": _quantile(paired, 0.75)}
-    for n in decoders:
-        out[n]["ratio"] = out[n]["tokens_per_s"] / out["fp32"]["tokens_per_s"]
-    return out
+    return measure_prompt(decoders, prompt, args.new_tokens, args.warmup, args.iters, base="fp32")
 
 
 def report(args, built: dict, results: dict) -> bool:
@@ -142,7 +131,7 @@ def report(args, built: dict, results: dict) -> bool:
     print("|---|---:|---:|---:|---:|---:|")
     for batch, per in results.items():
         for n, r in per.items():
-            print(f"| {n} | {batch} | {r['prefill_ms']:.1f} | {r['tokens_per_s']:.1f} | {r['ratio']:.2f} "
+            print(f"| {n} | {batch} | {r['prefill_ms']:.1f} | {r['tokens_per_s']:.1f} | {r['tokens_per_s_ratio']:.2f} "
                   f"({r['ratio_p25']:.2f}-{r['ratio_p75']:.2f}) | {g[n]['bytes'] / 1e6:.1f} |")
     print(f"\nquality against fp32 ({args.val_size} held-out prompts, {args.val_tokens} new tokens; random model):\n")
     print("| variant | file MB | token agreement | continuations identical | ppl fp32 | ppl | ppl increase |")
@@ -156,7 +145,7 @@ def report(args, built: dict, results: dict) -> bool:
               f"{100 * v['continuations_identical']:.1f}% | {ppl} |")
     cells, met = [], True
     for batch, per in results.items():
-        ratio = per["int4"]["ratio"]
+        ratio = per["int4"]["tokens_per_s_ratio"]
         met &= ratio >= TARGET_RATIO
         cells.append(f"batch {batch} {ratio:.2f} ({'met' if ratio >= TARGET_RATIO else 'NOT met'})")
     print(f"\ntarget: int4 decode tokens/s >= {TARGET_RATIO} x fp32: " + ", ".join(cells))

@@ -182,10 +182,9 @@ def print_table(batch: int, variant: str, res: dict, reference: str = "base") ->
 def cpu_name() -> str:
     import platform
 
-    try:
-        return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+    from lily_deploy.report import cpu_name as proc_cpu_name
+
+    return proc_cpu_name() or platform.machine()
 
 
 def main() -> None:

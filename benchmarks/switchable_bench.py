@@ -31,13 +31,9 @@ warnings.filterwarnings("ignore")
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from lily_deploy.report import cpu_name as proc_cpu_name
+
+    return proc_cpu_name() or platform.machine()
 
 
 def prepare(work: Path, n_adapters: int, rank: int, num_hp: int, stride: int) -> dict:

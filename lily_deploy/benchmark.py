@@ -621,9 +621,9 @@ def _add_base_ratios(results: list[Measurement], base_labels: set[str]) -> None:
 
 
 def _cpu() -> Optional[str]:
-    from .report import _cpu_name
+    from .report import cpu_name
 
-    name = _cpu_name()
+    name = cpu_name()
     return f"{name} ({os.cpu_count()} cores)" if name else None
 
 

@@ -130,10 +130,14 @@ def random_prompt(decoders: dict, batch: int, length: int, seed: int):
     return left_pad(rng.integers(min(5, vocab - 1), vocab, (batch, length)).tolist(), 0)
 
 
-def measure(decoders: dict, batch: int, length: int, new_tokens: int, warmup: int, iters: int,
-            seed: int = 0, base: Optional[str] = None) -> dict:
-    """Medians of prefill and decode-step time at one shape; ratios (and paired spreads) to ``base``."""
-    prompt = random_prompt(decoders, batch, length, seed)
+def quantile(values: list, q: float) -> float:
+    """The ``q`` quantile of sorted ``values`` (nearest rank from below)."""
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def measure(decoders: dict, prompt, new_tokens: int, warmup: int, iters: int, base: Optional[str] = None) -> dict:
+    """Medians of prefill and decode-step time for one prompt batch; ratios (and paired spreads) to ``base``."""
+    batch = prompt[0].shape[0]
     for i in range(warmup):
         iteration(decoders, prompt, new_tokens, i)
     samples = [iteration(decoders, prompt, new_tokens, i) for i in range(iters)]
@@ -144,10 +148,10 @@ def measure(decoders: dict, batch: int, length: int, new_tokens: int, warmup: in
                   "decode_ms_per_token": 1000 * step, "tokens_per_s": batch / step}
     if base is not None:
         for n in decoders:
-            paired = sorted(s[base][1] / s[n][1] for s in samples)
+            paired = sorted(s[base][1] / s[n][1] for s in samples)  # this iteration's tok/s ratio to the base
             out[n].update(prefill_ratio=out[n]["prefill_ms"] / out[base]["prefill_ms"],
                           tokens_per_s_ratio=out[n]["tokens_per_s"] / out[base]["tokens_per_s"],
-                          ratio_p25=paired[int(0.25 * (len(paired) - 1))], ratio_p75=paired[int(0.75 * (len(paired) - 1))])
+                          ratio_p25=quantile(paired, 0.25), ratio_p75=quantile(paired, 0.75))
     return out
 
 
@@ -201,8 +205,8 @@ def run_decoder_bench(config, specs: list, base_labels: set, threads: int, cpu: 
     rows = []
     for batch in config.batch_sizes:
         for length in config.seq_lens:
-            measured = measure(decoders, int(batch), int(length), config.new_tokens, config.warmup, config.iters,
-                               config.seed, base)
+            prompt = random_prompt(decoders, int(batch), int(length), config.seed)
+            measured = measure(decoders, prompt, config.new_tokens, config.warmup, config.iters, base)
             rows += [{"label": n, "backend": backends[n], "batch": int(batch), "prompt_len": int(length), **r}
                      for n, r in measured.items()]
     settings = {"threads": threads, "warmup": config.warmup, "iters": config.iters, "new_tokens": config.new_tokens,

@@ -27,6 +27,7 @@ from .core.models import TASKS
 from .core.modes import DYNAMIC_MODES, STATE_MODES
 
 EXPORT_MODES = DYNAMIC_MODES + STATE_MODES  # static layers are folded, not routed
+from .runtime.decoder import single_routing
 from .runtime.onnx_io import set_metadata, staged_onnx
 
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -383,7 +384,7 @@ def export_onnx(config: Optional[ExportConfig] = None, /, **fields) -> ExportRes
     """
     config = ExportConfig.resolve(config, **fields)
     output = _check_paths(config)
-    deploy, notes, routing = _prepare_model(config)
+    deploy, notes, routing, trained = _prepare_model(config)
     if config.switchable:  # folded layers and decoders cannot switch: one line, before any tracing
         from .switchable import check_switchable
 
@@ -393,8 +394,10 @@ def export_onnx(config: Optional[ExportConfig] = None, /, **fields) -> ExportRes
             raise ConfigError("optimize", f"{config.optimize} is for encoders; a decoder with its cache exports unfused")
         return _export_decoder(config, deploy, notes, routing, output)
     validation_batches = _validation_batches(config, deploy)
-    if config.validation and deploy.trained_routing in DYNAMIC_MODES and routing in DYNAMIC_MODES:
-        notes += [n for n in [routing_drift(deploy, deploy.trained_routing, routing, validation_batches)] if n]
+    if config.validation and trained in DYNAMIC_MODES and routing in DYNAMIC_MODES:
+        drift = routing_drift(deploy, trained, routing, validation_batches)
+        if drift:
+            notes.append(drift)
     trace_inputs = example_inputs(deploy, None, batch_size=2, seed=0)
     model = _build_graph(config, deploy, trace_inputs, routing)
 
@@ -443,7 +446,7 @@ def _export_decoder(config: ExportConfig, deploy, notes: list, routing: str, out
 
 def resolve_routing(config: ExportConfig, deploy) -> str:
     """The routing to export: the config's, or (encoders) sample, or (decoders) the routing it was trained with."""
-    from .runtime.decoder import check_cache_consistent, routing_modes
+    from .runtime.decoder import check_cache_consistent
 
     if deploy.task != "causal-lm":
         routing = config.routing or "sample"
@@ -451,8 +454,7 @@ def resolve_routing(config: ExportConfig, deploy) -> str:
             raise ConfigError("routing", f"{routing} routing is for decoders; an encoder routes by "
                                          f"{', '.join(DYNAMIC_MODES)}")
         return routing
-    trained = routing_modes(deploy)
-    routing = config.routing or (trained.pop() if len(trained) == 1 else "prompt")
+    routing = config.routing or single_routing(deploy) or "prompt"
     if config.cache:
         check_cache_consistent({routing}, str(config.source), config.allow_inconsistent_routing)
     return routing
@@ -475,31 +477,20 @@ def routing_drift(deploy, trained: str, routing: str, batches: list[tuple[str, d
     Measured, not assumed: the same model and inputs under the trained and the deployed routing;
     returns one line for the user (None when there is nothing to compare).
     """
-    import numpy as np
-
-    from .runtime.torch_runner import TorchRunner
+    from .runtime.torch_runner import routing_drift as measure_drift
 
     if not batches or trained == routing:
         return None
-    runner, diffs, agree, rows = TorchRunner(deploy), [], 0, 0
-    try:
-        for _, inputs in batches:
-            deploy.set_routing(trained)
-            before = runner.infer(inputs)[OUTPUT_NAME]
-            deploy.set_routing(routing)
-            after = runner.infer(inputs)[OUTPUT_NAME]
-            diffs.append(float(np.abs(after - before).max()))
-            agree += int((after.argmax(-1) == before.argmax(-1)).sum())
-            rows += after.shape[0]
-    finally:
-        deploy.set_routing(routing)
+    moved, kept = measure_drift(deploy, [inputs for _, inputs in batches], trained, routing)
+    rows = sum(len(next(iter(inputs.values()))) for _, inputs in batches)
     return (f"trained with {trained} routing, exported with {routing}: on the {rows} validation rows the logits "
-            f"move by up to {max(diffs):.3g} and {agree / rows:.1%} keep their top-1 class (torch, {trained} vs "
+            f"move by up to {moved:.3g} and {kept:.1%} keep their top-1 class (torch, {trained} vs "
             f"{routing}); --routing {trained} deploys what was trained")
 
 
 def _prepare_model(config: ExportConfig):
-    """The model as it will be exported: routing set, static layers folded; and what to tell the user."""
+    """The model as it will be exported (routing set, static layers folded), what to tell the user, the
+    routing set and the routing it was trained with (None when its layers do not share one)."""
     deploy = open_model(config.source, base=config.base)
     if deploy.task == "seq2seq":
         kind = getattr(getattr(deploy.model, "config", None), "model_type", "encoder-decoder")
@@ -508,8 +499,7 @@ def _prepare_model(config: ExportConfig):
     if config.task is not None and config.task != deploy.task:
         raise ConfigError("task", f"{config.task}: the model is a {deploy.task} model")
     deploy = copy.deepcopy(deploy) if deploy.layers else deploy
-    trained = {layer.mode for layer in deploy.layers.values() if layer.mode != "static"}
-    deploy.trained_routing = trained.pop() if len(trained) == 1 else None  # as loaded: the adapter's own
+    trained = single_routing(deploy)  # as loaded: the adapter's own, before export routes it
     routing = resolve_routing(config, deploy)
     if deploy.layers:
         deploy.set_routing(routing)
@@ -525,7 +515,7 @@ def _prepare_model(config: ExportConfig):
     elif not deploy.layers:
         notes.append("every Lily layer is folded: exported as a plain model (no lily::HPMix nodes)")
     deploy.eval()
-    return deploy, notes, routing
+    return deploy, notes, routing, trained
 
 
 def _validation_batches(config: ExportConfig, deploy) -> list[tuple[str, dict]]:

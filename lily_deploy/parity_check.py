@@ -55,7 +55,9 @@ from .core.config import ConfigError, StageConfig, check_choice, check_number
 from .core.errors import LilyDeployError
 from .core.modes import DYNAMIC_MODES, STATE_MODES
 from .core.config import as_tuple
+from .runtime.decoder import single_routing
 from .runtime.onnx_io import onnx_vocab
+from .runtime.torch_runner import routing_drift
 from .runtime.tensorrt import check_engine_header
 from .runtime import ENGINE_SUFFIXES, Runner, cuda_available
 from .runtime.onnx_io import metadata_value
@@ -782,8 +784,7 @@ class _Reference:
         self.model = model
         self.samples = samples
         self.cache: dict = {}
-        modes = {layer.mode for layer in model.layers.values() if layer.mode != "static"}
-        self.trained = modes.pop() if len(modes) == 1 else None  # as loaded: the routing it was trained with
+        self.trained = single_routing(model)  # as loaded: the routing it was trained with
 
     def drift(self, routing: Optional[str], bs: int) -> Optional[str]:
         """Compared under another routing than trained: how far that moves the reference itself (measured)."""
@@ -791,16 +792,12 @@ class _Reference:
             return None
         key = ("drift", self.trained, routing, bs)
         if key not in self.cache:
-            trained, deployed = [], []
-            for idx, real in _plan(len(self.samples), bs, None):
-                batch = self.samples.collate(idx, _pad_to(self.model.task, self.samples, None))
-                trained.append(self.run(batch, self.trained)[:real])
-                deployed.append(self.run(batch, routing)[:real])
-            a, b = np.concatenate(trained), np.concatenate(deployed)
+            pad_to = _pad_to(self.model.task, self.samples, None)
+            batches = [self.samples.collate(idx, pad_to) for idx, _ in _plan(len(self.samples), bs, None)]
+            moved, kept = routing_drift(self.model, batches, self.trained, routing)
             self.cache[key] = (f"the reference was trained with {self.trained} routing and is compared under "
-                               f"{routing}: at batch {bs} that alone moves its logits by up to "
-                               f"{float(np.abs(a - b).max()):.3g}, {100 * float(np.mean(a.argmax(-1) == b.argmax(-1))):.2f}% "
-                               f"keep their top-1 class")
+                               f"{routing}: at batch {bs} that alone moves its logits by up to {moved:.3g}, "
+                               f"{100 * kept:.2f}% keep their top-1 class")
         return self.cache[key]
 
     def run(self, batch: dict[str, torch.Tensor], routing: Optional[str]) -> np.ndarray:
@@ -1228,7 +1225,9 @@ def _compare(c: Candidate, config: ParityConfig, ref: _Reference, samples: Sampl
                              f"instead of {bs}")
             break
     res.invariance = _invariance(c, ref, samples, run_routing if layers else "none", config.invariance_samples, tol)
-    res.notes += [n for n in [ref.drift(run_routing, int(config.batch_sizes[-1]))] if n]
+    drift = ref.drift(run_routing, int(config.batch_sizes[-1]))
+    if drift:
+        res.notes.append(drift)
     _judge(res, tol, metric)
     return res
 

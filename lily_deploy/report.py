@@ -25,7 +25,7 @@ def environment() -> dict:
     import importlib.metadata as md
 
     env = {"python": platform.python_version(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
-           "processor": _cpu_name()}
+           "processor": cpu_name()}
     for pkg in ("lily-deploy", "torch", "onnxruntime", "onnx", "transformers", "peft"):
         try:
             env[pkg] = md.version(pkg)
@@ -40,7 +40,8 @@ def environment() -> dict:
     return env
 
 
-def _cpu_name() -> Optional[str]:
+def cpu_name() -> Optional[str]:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` says, else None."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -88,7 +88,8 @@ class FinetuneConfig(StageConfig):
     clipping), no ``train_size``/``val_size`` (all rows), no columns (detected), no ``log`` (stderr).
     Two depend on the model and :func:`finetune` makes them concrete before any work: ``task``
     None is read from the model folder's ``config.json``, and ``routing`` None is the task's
-    default (``prompt`` for a causal LM trained with Lily, ``batch`` otherwise).
+    default (``prompt`` for a causal LM trained with Lily, ``sample`` for other Lily models, which
+    is what ``export`` deploys; ``batch`` for LoRA, where routing does not apply).
     """
 
     model: str

@@ -48,6 +48,12 @@ def routing_modes(model) -> set[str]:
     return {layer.mode for layer in model.layers.values() if layer.mode != "static"}
 
 
+def single_routing(model) -> Optional[str]:
+    """The one routing mode of every dynamic layer (as loaded: the one it was trained with), else None."""
+    modes = routing_modes(model)
+    return modes.pop() if len(modes) == 1 else None
+
+
 def check_cache_consistent(modes: set[str], where: str, allow: bool = False) -> None:
     """Refuse (unless ``allow``) routing whose mixing vector changes as tokens are generated."""
     bad = sorted(set(modes) & set(CACHE_INCONSISTENT))

@@ -64,3 +64,23 @@ class TorchRunner:
                 torch.cuda.synchronize()
 
         return call
+
+
+def routing_drift(model, batches, trained: str, routing: str) -> tuple[float, float]:
+    """How far a Lily model's torch logits move from ``trained`` to ``routing`` routing over ``batches``.
+
+    Returns (max |d| of the logits, share of predictions -- per sample, or per token -- keeping
+    their top-1 class); the model is left routed by ``routing``.
+    """
+    runner, diffs, kept = TorchRunner(model), [], []
+    try:
+        for batch in batches:
+            model.set_routing(trained)
+            before = runner.infer(batch)["logits"]
+            model.set_routing(routing)
+            after = runner.infer(batch)["logits"]
+            diffs.append(float(np.abs(after - before).max()))
+            kept.append((after.argmax(-1) == before.argmax(-1)).ravel())
+    finally:
+        model.set_routing(routing)
+    return max(diffs), float(np.concatenate(kept).mean())
