@@ -1,19 +1,25 @@
-"""onnxruntime CPU latency of the fp32, fp16 and int8 graphs of one model, in one interleaved run.
+"""onnxruntime CPU latency and accuracy of the fp32, fp16 and int8 graphs of one model, in one interleaved run.
 
-    python benchmarks/precision_latency.py --fp32 model.onnx [--fp16 model.fp16.onnx] [--int8 model.int8.onnx]
+    python benchmarks/precision_latency.py --fp32 model.onnx [--fused model.ort.onnx] [--int8 model.int8.onnx]
 
-Graphs not given are made from --fp32 with ``lily_deploy.precision`` (int8 calibrated on --calib,
-default ../shared/data/sst2/dev.tsv) into --workdir. Inputs are full-length sequences (random
-token ids, attention mask all ones; random normal floats for float inputs) at each batch size.
-Sessions use --threads intra-op threads and ORT_ENABLE_EXTENDED (or --opt-level all), the level
-at which onnxruntime runs Q/DQ pairs as int8 kernels. Two int8 graphs are timed: ``int8`` (the
-TensorRT form, symmetric int8 activations) and ``int8-ort`` (``--int8-target onnxruntime``, uint8
-activations). On x86 onnxruntime fuses int8 (S8S8) activations only where it can first turn them
-into uint8, which it cannot for a tensor read by several MatMuls (q/k/v/LP all read one input), so
-the TensorRT form mostly runs as float MatMuls between Q/DQ pairs (``--qdq-int8-allowed`` fuses
-them anyway, into S8S8 kernels). After warm-up, rounds interleave the
-precisions (order rotated each round) so a noisy, shared CPU affects all alike; the table gives
-medians and ratios to fp32, and the CPU's ISA flags (AVX2/AVX-512/VNNI decide int8 speed).
+Graphs not given are made with ``lily_deploy.precision`` (what ``lily-deploy quantize`` runs; int8
+calibrated on 256 rows of --calib, default ../shared/data/sst2/train.tsv) into --workdir, each
+validated against its fp32 graph on --val (default: all 6,735 rows of sst2/dev.tsv); the
+accuracies are printed under the latency table. Graphs: ``fp16``; ``int8`` (quantize's default
+for a plain export: the TensorRT form, symmetric int8 activations, MatMuls whose input SQNR is
+below 18 dB kept fp32); ``int8-nosqnr`` (the same with ``--min-sqnr 0``, the old default);
+``int8-ort`` (``--int8-target onnxruntime``, uint8 activations); with ``--fused`` (the model
+exported with ``--optimize onnxruntime``) also ``fp32-fused`` and ``int8-ort-fused``.
+
+Inputs are full-length sequences (random token ids, attention mask all ones; random normal floats
+for float inputs) at each batch size. Sessions use --threads intra-op threads at
+ORT_ENABLE_ALL (as lily-deploy's own sessions), where Q/DQ pairs run as int8 kernels. On x86
+onnxruntime fuses int8 (S8S8) activations only where it can first turn them into uint8, which it
+cannot for a tensor read by several MatMuls (q/k/v/LP all read one input), so the TensorRT form
+mostly runs as float MatMuls between Q/DQ pairs (``--qdq-int8-allowed`` fuses them anyway, into
+S8S8 kernels). After warm-up, rounds interleave the graphs (order rotated each round) so a noisy,
+shared CPU affects all alike; the table gives medians and ratios to fp32, and the CPU's ISA flags
+(AVX2/AVX-512/VNNI decide int8 speed).
 """
 from __future__ import annotations
 
@@ -80,26 +86,46 @@ def session(path: Path, threads: int, level: str, int8_allowed: bool = False):
     return ort_session(path, threads=threads, opt_level=level, config=extra)
 
 
-def ensure_graphs(args) -> dict[str, Path]:
+# name -> (precision, quantize fields, made from the fused graph); "int8" is quantize's default for a plain export
+MADE = {
+    "fp16": ("fp16", {}, False),
+    "int8": ("int8", {"int8_target": "tensorrt"}, False),
+    "int8-nosqnr": ("int8", {"int8_target": "tensorrt", "min_sqnr": 0.0}, False),
+    "int8-ort": ("int8", {"int8_target": "onnxruntime"}, False),
+    "int8-ort-fused": ("int8", {}, True),
+}
+
+
+def ensure_graphs(args) -> tuple[dict[str, Path], dict[str, dict]]:
+    """The graphs to time and, for those made here, their validation against fp32 on --val."""
     graphs = {"fp32": Path(args.fp32)}
+    if args.fused:
+        graphs["fp32-fused"] = Path(args.fused)
+    validations = {}
     work = Path(args.workdir)
-    for name, precision, kw in (("fp16", "fp16", {"val": args.calib}),
-                                ("int8", "int8", {"calib": args.calib, "int8_target": "tensorrt"}),
-                                ("int8-ort", "int8", {"calib": args.calib, "int8_target": "onnxruntime"})):
-        given = getattr(args, name.replace("-", "_"))
+    for name, (precision, kw, fused) in MADE.items():
+        given = getattr(args, name.replace("-", "_"), None)
         if given:
             graphs[name] = Path(given)
             continue
+        if fused and not args.fused:
+            continue
         from lily_deploy.precision import quantize
+        from lily_deploy.runtime.onnx_io import load_onnx, metadata
 
+        source = Path(args.fused if fused else args.fp32)
         work.mkdir(parents=True, exist_ok=True)
         out = work / f"{Path(args.fp32).stem}.{name}.onnx"
         if not out.exists():
             print(f"making {out} ...", file=sys.stderr)
-            r = quantize(model_path=args.fp32, output=out, precision=precision, val_size=200, max_accuracy_drop=100, **kw)
+            r = quantize(model_path=source, output=out, precision=precision, calib=args.calib, val=args.val,
+                         val_size=args.val_size, max_accuracy_drop=100, progress=False, **kw)
             print(r.table(), file=sys.stderr)
+        info = json.loads(metadata(load_onnx(out)).get("lily_deploy.quantization", "{}"))
+        if info.get("validation"):
+            validations[name] = info["validation"]
         graphs[name] = out
-    return graphs
+    return graphs, validations
 
 
 def measure(graphs: dict[str, Path], batches, seq: int, threads: int, level: str, warmup: int, rounds: int,
@@ -137,13 +163,19 @@ def main(argv=None) -> int:
     p.add_argument("--fp16", default=None, help="its fp16 graph (default: made with lily_deploy.precision)")
     p.add_argument("--int8", default=None, help="its int8 Q/DQ graph, TensorRT form (default: made here)")
     p.add_argument("--int8-ort", default=None, help="its int8 Q/DQ graph, onnxruntime form (default: made here)")
-    p.add_argument("--calib", default=str(ROOT.parent / "shared" / "data" / "sst2" / "dev.tsv"),
-                   help="calibration/validation data for graphs made here")
+    p.add_argument("--fused", default=None,
+                   help="the same model exported with --optimize onnxruntime: adds fp32-fused and int8-ort-fused")
+    p.add_argument("--calib", default=str(ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"),
+                   help="calibration data for graphs made here (256 seeded rows)")
+    p.add_argument("--val", default=str(ROOT.parent / "shared" / "data" / "sst2" / "dev.tsv"),
+                   help="validation data: each made graph's accuracy against fp32")
+    p.add_argument("--val-size", type=int, default=None, help="validation rows (default: all)")
     p.add_argument("--workdir", default=str(ROOT / "benchmarks" / "out"), help="where made graphs go")
     p.add_argument("--batch", default="1,8", help="batch sizes (comma-separated)")
     p.add_argument("--seq", type=int, default=128, help="sequence length")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads")
-    p.add_argument("--opt-level", choices=["extended", "all"], default="extended")
+    p.add_argument("--opt-level", choices=["extended", "all"], default="all",
+                   help="onnxruntime graph optimisation (lily-deploy's sessions run at all)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--rounds", type=int, default=10, help="interleaved rounds")
     p.add_argument("--reps", type=int, default=3, help="runs per precision per round")
@@ -155,7 +187,7 @@ def main(argv=None) -> int:
 
     import onnxruntime as ort
 
-    graphs = ensure_graphs(args)
+    graphs, validations = ensure_graphs(args)
     batches = [int(b) for b in args.batch.split(",") if b.strip()]
     cpu = cpu_info()
     results = measure(graphs, batches, args.seq, args.threads, args.opt_level, args.warmup, args.rounds, args.reps,
@@ -179,10 +211,17 @@ def main(argv=None) -> int:
             ratio = "" if n == "fp32" else f" x{m['median_ms'] / base:.2f}"
             cells.append(f"{m['median_ms']:8.1f} ms ({m['p10_ms']:.0f}-{m['p90_ms']:.0f}){ratio}".rjust(28))
         print(f"{b:>5}  " + "  ".join(cells))
+    if validations:
+        first = next(iter(validations.values()))
+        print(f"\naccuracy on {first['data']} ({first['rows']} rows), fp32 {first['accuracy_fp32']:.2f}%:")
+        for n, v in validations.items():
+            print(f"  {n:>16}: {v['accuracy']:.2f}%  drop {v['drop_points']:+.2f} points  "
+                  f"top-1 agreement {100 * v['top1_agreement']:.2f}%")
     if args.json:
         Path(args.json).write_text(json.dumps({"cpu": cpu, "onnxruntime": ort.__version__, "threads": args.threads,
                                                "opt_level": args.opt_level, "seq": args.seq,
                                                "graphs": {k: str(v) for k, v in graphs.items()},
+                                               "validation": validations,
                                                "results": {str(k): v for k, v in results.items()}}, indent=2) + "\n")
     return 0
 

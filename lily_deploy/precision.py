@@ -36,7 +36,7 @@ GENERATED_ROWS = 64  # fp16 without data: validated on this many generated input
 DEFAULT_CALIB_SIZE = 256
 DEFAULT_VAL_SIZE = 1000
 DEFAULT_MAX_DROP = 1.0
-DEFAULT_MIN_SQNR = None
+DEFAULT_MIN_SQNR = 18.0  # dB; encoder int8 when min_sqnr is None (measured: benchmarks/precision_latency.py)
 SQNR_KEY = "int8 input SQNR below --min-sqnr"
 OUTPUT_NAME = "logits"
 
@@ -126,9 +126,9 @@ class QuantizeResult:
                 worst = sorted(self.sqnr.items(), key=lambda kv: kv[1])[:5]
                 lines.append("  lossiest int8 inputs (SQNR on the calibration rows): "
                              + ", ".join(f"{n} {db:.1f} dB" for n, db in worst))
-                if self.min_sqnr is not None:
+                if self.min_sqnr:
                     lines.append(f"  --min-sqnr {self.min_sqnr:g} dB: {len(self.kept_fp32.get(SQNR_KEY, []))} "
-                                 "MatMul/Gemm kept fp32")
+                                 "MatMul/Gemm kept fp32 (--min-sqnr 0: none)")
         else:
             lines.append("fp16: fp16 weights and activations, fp32 inputs and outputs")
         if self.adapter_layers and not self.summary:
@@ -231,9 +231,11 @@ class QuantizeConfig(StageConfig):
     ``precision``) says whether the adapter's LP/router/HP MatMuls follow the model or stay
     fp32. ``min_sqnr`` (int8): MatMul/Gemm nodes whose activation input loses more than this
     to int8 on the calibration rows (signal-to-quantization-noise ratio in dB) are
-    re-quantized as fp32. ``int8_target``: "tensorrt" (symmetric int8 activations, what
-    TensorRT builds) or "onnxruntime" (asymmetric uint8 activations, what onnxruntime's x86
-    int8 kernels run fast; TensorRT rejects it). ``cache_dir``: the calibration cache (default
+    re-quantized as fp32; None is :data:`DEFAULT_MIN_SQNR` for an encoder, 0 turns it off.
+    ``int8_target``: "tensorrt" (symmetric int8 activations, what TensorRT builds) or
+    "onnxruntime" (asymmetric uint8 activations, what onnxruntime's x86 int8 kernels run fast;
+    TensorRT rejects it); None is "onnxruntime" for a graph fused by ``export --optimize
+    onnxruntime`` (no TensorRT can take it) and "tensorrt" otherwise. ``cache_dir``: the calibration cache (default
     ``~/.cache/lily-deploy/calib``), or None for none.
     """
 
@@ -253,8 +255,8 @@ class QuantizeConfig(StageConfig):
     exclude_nodes: Sequence[str] = ()
     exclude_op_types: Sequence[str] = ()
     keep_sensitive: bool = True
-    min_sqnr: Optional[float] = DEFAULT_MIN_SQNR
-    int8_target: str = "tensorrt"
+    min_sqnr: Optional[float] = None
+    int8_target: Optional[str] = None
     tokenizer: Optional[str] = None
     model: Optional[str] = None
     text_column: Optional[str] = None
@@ -282,14 +284,14 @@ class QuantizeConfig(StageConfig):
         check_choice("adapter_precision", self.adapter_precision, (self.precision, "fp32"), allow_none=True)
         self._validate_decoder_fields()
         check_choice("calib_method", self.calib_method, qdq.CALIB_METHODS)
-        check_choice("int8_target", self.int8_target, qdq.INT8_TARGETS)
+        check_choice("int8_target", self.int8_target, qdq.INT8_TARGETS, allow_none=True)
         for name in ("calib_size", "val_size"):
             check_number(name, getattr(self, name), minimum=1, integer=True, allow_none=True)
         check_number("seed", self.seed, integer=True)
         check_number("batch_size", self.batch_size, minimum=1, integer=True)
         check_number("max_length", self.max_length, minimum=1, integer=True)
         check_number("max_accuracy_drop", self.max_accuracy_drop, minimum=0)
-        check_number("min_sqnr", self.min_sqnr, allow_none=True)
+        check_number("min_sqnr", self.min_sqnr, minimum=0, allow_none=True)
         if self.min_sqnr is not None and self.precision != "int8":
             raise ConfigError("min_sqnr", "is for int8 (fp16 keeps sensitive ops fp32 by op type)")
         if self.precision == "int8" and self.calib is None:
@@ -334,7 +336,9 @@ def quantize(config: Optional[QuantizeConfig] = None, /, **fields) -> QuantizeRe
     source, meta = _load_source(model_path)
     from .decoder_precision import is_decoder, quantize_decoder
 
-    if is_decoder(source, meta):
+    decoder = is_decoder(source, meta)
+    config = _concrete_defaults(config, source, meta, model_path, decoder)
+    if decoder:
         result = QuantizeResult(output, config.precision, config.adapter, 0, int8_target=config.int8_target,
                                 method=config.calib_method if config.precision == "int8" else None)
         quantize_decoder(config, source, meta, result)
@@ -375,6 +379,22 @@ def quantize(config: Optional[QuantizeConfig] = None, /, **fields) -> QuantizeRe
             result.written = True
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _concrete_defaults(config: QuantizeConfig, source, meta: dict, model_path: Path, decoder: bool) -> QuantizeConfig:
+    """The model-dependent defaults made concrete: the int8 target from the graph, the SQNR floor for encoders."""
+    from .graph_optimize import META_KEY, ORT_DOMAIN
+
+    fused = META_KEY in meta or any(n.domain == ORT_DOMAIN for n in source.graph.node)
+    if fused and config.precision == "int8" and config.int8_target == "tensorrt":
+        raise LilyDeployError(f"{model_path}: fused for onnxruntime (export --optimize onnxruntime), which TensorRT "
+                              "never takes; --int8-target tensorrt needs the graph of a plain export")
+    changes = {}
+    if config.int8_target is None:
+        changes["int8_target"] = "onnxruntime" if fused else "tensorrt"
+    if config.min_sqnr is None and config.precision == "int8" and not decoder:
+        changes["min_sqnr"] = DEFAULT_MIN_SQNR
+    return config.replace(**changes) if changes else config
 
 
 def _check_output(config: QuantizeConfig, model_path: Path, output: Path) -> None:
@@ -482,7 +502,7 @@ def _convert_int8(config: QuantizeConfig, inlined, plan: qdq.Plan, calib_set: Ca
     converted = load_onnx(raw, external_data=True)
     result.sqnr = qdq.activation_sqnr(inlined, converted, calib_set.batches)
     result.min_sqnr = config.min_sqnr
-    lossy = sorted(n for n, db in result.sqnr.items() if config.min_sqnr is not None and db < config.min_sqnr)
+    lossy = sorted(n for n, db in result.sqnr.items() if config.min_sqnr and db < config.min_sqnr)
     if lossy:
         plan.kept_fp32[SQNR_KEY] = lossy
         qdq.quantize_int8(inlined, None, config.calib_method, plan, str(raw), str(ranges), config.int8_target)

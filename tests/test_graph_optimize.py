@@ -130,3 +130,30 @@ def test_fuser_that_fuses_no_attention_is_refused():
     with pytest.raises(LilyDeployError, match="fused no attention"):
         optimize_graph(model, "onnxruntime", "tiny.onnx")
     onnx.checker.check_model(model)
+
+
+def test_int8_of_a_fused_graph_defaults_to_the_onnxruntime_form(graphs, tmp_path):
+    """quantize picks uint8 activations for a graph no TensorRT takes, and it still validates against fp32."""
+    import onnx
+
+    path = graphs["lily.ort"][0]
+    calib = tmp_path / "calib.npz"
+    rng = np.random.default_rng(0)
+    np.savez(calib, input_ids=rng.integers(5, 90, (48, 12)).astype(np.int64),
+             token_type_ids=np.zeros((48, 12), np.int64), attention_mask=np.ones((48, 12), np.int64))
+    out = tmp_path / "q.onnx"
+    result = CliRunner().invoke(cli, ["quantize", str(path), "--int8", "--calib", str(calib), "--max-accuracy-drop",
+                                      "100", "--no-cache", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "asymmetric uint8 activations" in result.output and "PASSED" in result.output
+    model = onnx.load(str(out))
+    info = json.loads({p.key: p.value for p in model.metadata_props}["lily_deploy.quantization"])
+    assert info["target"] == "onnxruntime" and info["min_sqnr_db"] == 18.0
+    zero_points = [i for i in model.graph.initializer if i.name.endswith("_zero_point")]
+    assert any(z.data_type == onnx.TensorProto.UINT8 for z in zero_points)
+    assert [n for n in model.graph.node if n.op_type in ATTENTION], "the fused attention stays fused"
+
+    refused = CliRunner().invoke(cli, ["quantize", str(path), "--int8", "--int8-target", "tensorrt", "--calib",
+                                       str(calib), "--no-cache", "-o", str(tmp_path / "t.onnx")])
+    assert refused.exit_code == 1 and "--int8-target tensorrt" in refused.output and str(path) in refused.output
+    assert "Traceback" not in refused.output and not (tmp_path / "t.onnx").exists()
