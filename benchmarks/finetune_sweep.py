@@ -184,7 +184,7 @@ def tables(rows: list[dict]) -> str:
                        key=lambda k: statistics.fmean(r["accuracy"] for r in multi[k]))
             lora = max((k for k in multi if CONFIGS[k]["method"] == "lora"), default=None,
                        key=lambda k: statistics.fmean(r["accuracy"] for r in multi[k]))
-            for a, b in ((lily, lora), ("lily-default", "lora-lr3e-3")):
+            for a, b in dict.fromkeys(((lily, lora), ("lily-default", "lora-lr3e-3"))):
                 if a in multi and b in multi:
                     da = statistics.fmean(r["accuracy"] for r in multi[a]) - statistics.fmean(r["accuracy"] for r in multi[b])
                     out.append(f"\n{a} - {b}: {da * 100:+.2f} points (mean of {len(multi[a])} / {len(multi[b])} seeds)")
