@@ -2,7 +2,9 @@
 (sample routing, lily::HPMix), and folded; and the base and the Lily model fused for onnxruntime
 (``export --optimize onnxruntime``: Attention / MultiHeadAttention, SkipLayerNorm, BiasGelu) -- in one
 interleaved run, medians, ratios to the base and to each row's own reference (a fused Lily graph
-against the fused base), with the per-round ratios.
+against the fused base), with the per-round ratios. Two experimental rows rewrite the Lily graphs
+(raw and fused) so each layer's LP and router are one GEMM (``merge_lp_router``), checked against
+the graphs they come from before anything is timed.
 
     python benchmarks/export_latency.py                # r 32, E 4, LP stride 2 on query,value
     python benchmarks/export_latency.py --adapter DIR  # your own MiniLM adapter
@@ -53,8 +55,65 @@ def export_naive(adapter: Path, out: Path) -> Path:
     return out
 
 
+def merge_lp_router(src: Path, out: Path) -> Path:
+    """Experimental: each layer's LP and router in one GEMM, ``[h, logits] = x [A; R A]^T`` then Split.
+
+    ``h R^T = x (R A)^T``, so the router's MatMul on ``h`` becomes extra columns of the LP's
+    MatMul on ``x``. Not (yet) a stage of ``export``: this row measures what the rewrite is worth.
+    """
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    inits = {i.name: i for i in graph.initializer}
+
+    def weight(name):  # an initializer, or the Transpose of one (shared LPs keep a Transpose node)
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        node = producer.get(name)
+        if node is not None and node.op_type == "Transpose" and node.input[0] in inits:
+            return numpy_helper.to_array(inits[node.input[0]]).T
+        return None
+
+    # a router: MatMul(h, R^T) whose output goes to a Softmax (the HPMix node, or its inlined body in a
+    # fused graph) and whose h is the LP's MatMul(x, A^T); attention's MatMul(q, k^T) has no constant weight
+    routers = []
+    for n in graph.node:
+        if n.domain == "lily" and len(n.input) > 1:
+            routers.append(producer.get(n.input[1]))
+        elif n.op_type == "Softmax" and n.input[0] in producer:
+            routers.append(producer[n.input[0]])
+    merged = 0
+    for k, router in enumerate(r for r in routers if r is not None and r.op_type == "MatMul"):
+        lp = producer.get(router.input[0])
+        if lp is None or lp.op_type != "MatMul":
+            continue
+        a_t, r_t = weight(lp.input[1]), weight(router.input[1])
+        if a_t is None or r_t is None:
+            continue
+        name = f"lily_merged_lp_router_{k}"
+        graph.initializer.append(numpy_helper.from_array(np.concatenate([a_t, a_t @ r_t], 1).astype(a_t.dtype), name))
+        graph.initializer.append(numpy_helper.from_array(np.array([a_t.shape[1], r_t.shape[1]], np.int64), name + "_split"))
+        at = list(graph.node).index(lp)
+        graph.node.insert(at, helper.make_node("Split", [name + "_out", name + "_split"], [lp.output[0], router.output[0]],
+                                               axis=-1, name=name + "_split"))
+        graph.node.insert(at, helper.make_node("MatMul", [lp.input[0], name], [name + "_out"], name=name))
+        graph.node.remove(lp)
+        graph.node.remove(router)
+        merged += 1
+    onnx.save_model(model, str(out))
+    print(f"merged LP + router of {merged} layers into one GEMM each", file=sys.stderr)
+    return out
+
+
 # the row each row is compared with (besides the base): a fused Lily graph against the fused base
-REFERENCE = {"base fused": "base", "lily-deploy fused": "base fused"}
+REFERENCE = {"base fused": "base", "lily-deploy fused": "base fused", "lily-deploy fused LP+router": "base fused"}
+# the rewritten graphs must give their source's logits
+REWRITTEN_FROM = {"lily-deploy LP+router GEMM": "lily-deploy (sample, HPMix)",
+                  "lily-deploy fused LP+router": "lily-deploy fused"}
 
 
 def main() -> None:
@@ -97,6 +156,8 @@ def main() -> None:
         "lily-deploy folded": work / "folded.onnx",
         "base fused": work / "base.fused.onnx",
         "lily-deploy fused": work / "lily.fused.onnx",
+        "lily-deploy LP+router GEMM": work / "lily.merged.onnx",
+        "lily-deploy fused LP+router": work / "lily.fused.merged.onnx",
     }
     builders = {
         "base": lambda p: export_onnx(source="minilm", output=p, validation=False),
@@ -108,6 +169,9 @@ def main() -> None:
         # fused for onnxruntime (export --optimize onnxruntime), validated against torch like every export
         "base fused": lambda p: export_onnx(source="minilm", output=p, optimize="onnxruntime"),
         "lily-deploy fused": lambda p: export_onnx(source=adapter, output=p, routing="sample", optimize="onnxruntime"),
+        # experimental rewrite of the two graphs above (checked against them below)
+        "lily-deploy LP+router GEMM": lambda p: merge_lp_router(paths["lily-deploy (sample, HPMix)"], p),
+        "lily-deploy fused LP+router": lambda p: merge_lp_router(paths["lily-deploy fused"], p),
     }
     for name, build in builders.items():
         if not (args.reuse and paths[name].exists()):
@@ -115,6 +179,14 @@ def main() -> None:
 
     sessions = {k: ort_session(p, threads=args.threads) for k, p in paths.items()}
     rng = np.random.default_rng(0)
+    check_ids = rng.integers(1000, 20000, (2, 16)).astype(np.int64)
+    check = {"input_ids": check_ids, "attention_mask": np.ones_like(check_ids), "token_type_ids": np.zeros_like(check_ids)}
+    check["attention_mask"][1, 10:] = 0
+    for new, old in REWRITTEN_FROM.items():
+        err = float(np.abs(sessions[new].run(None, check)[0] - sessions[old].run(None, check)[0]).max())
+        print(f"{new}: max |logits - {old}| = {err:.2e}", file=sys.stderr)
+        if err > 1e-4:
+            sys.exit(f"{new}: the rewrite changed the logits by {err:.2e}")
     results = {}
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
         ids = rng.integers(1000, 20000, (bs, args.seq_len)).astype(np.int64)
@@ -145,11 +217,9 @@ def main() -> None:
                            "round_ratios": [round(r, 4) for r in ratios[k]],
                            "round_ratios_to_reference": [round(r, 4) for r in ref_ratios[k]]} for k in med}
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from lily_deploy.report import cpu_name
+
+    cpu = cpu_name() or platform.machine()
     print(f"\nonnxruntime {ort.__version__}, {args.threads} threads, sequence {args.seq_len}, CPU: {cpu}")
     print(f"Lily r {args.rank}, E {args.num_hp}, LP stride {args.stride} on query,value"
           + (f" (adapter {args.adapter})" if args.adapter else " (random non-zero adapter)"))
