@@ -55,12 +55,14 @@ def export_naive(adapter: Path, out: Path) -> Path:
     return out
 
 
-def merge_lp_router(src: Path, out: Path) -> Path:
+def merge_lp_router(src: Path, out: Path, into_base: bool = False) -> Path:
     """Experimental: each layer's LP and router in one GEMM, ``[h, logits] = x [A; R A]^T`` then Split.
 
     ``h R^T = x (R A)^T``, so the router's MatMul on ``h`` becomes extra columns of the LP's
-    MatMul on ``x``. Not (yet) a stage of ``export``: this row measures what the rewrite is worth.
+    MatMul on ``x``. ``into_base`` (raw graphs): the base projection's ``x W0^T`` too, one GEMM per
+    adapted layer. Not (yet) a stage of ``export``: these rows measure what the rewrite is worth.
     """
+    from lily_deploy.graph_optimize import _projection
     import numpy as np
     import onnx
     from onnx import helper, numpy_helper
@@ -95,14 +97,26 @@ def merge_lp_router(src: Path, out: Path) -> Path:
         if a_t is None or r_t is None:
             continue
         name = f"lily_merged_lp_router_{k}"
-        graph.initializer.append(numpy_helper.from_array(np.concatenate([a_t, a_t @ r_t], 1).astype(a_t.dtype), name))
-        graph.initializer.append(numpy_helper.from_array(np.array([a_t.shape[1], r_t.shape[1]], np.int64), name + "_split"))
-        at = list(graph.node).index(lp)
-        graph.node.insert(at, helper.make_node("Split", [name + "_out", name + "_split"], [lp.output[0], router.output[0]],
-                                               axis=-1, name=name + "_split"))
+        blocks, outs, base = [a_t, a_t @ r_t], [lp.output[0], router.output[0]], None
+        if into_base:  # the projection MatMul(x, W0^T) under the Add that takes this layer's term
+            term = next(n.output[0] for n in graph.node if n.domain == "lily" and n.input[1] == router.output[0])
+            add = next(n for n in graph.node if n.op_type == "Add" and term in n.input)
+            proj = _projection(producer, next(i for i in add.input if i != term))
+            base = producer.get(proj)
+            w0 = weight(base.input[1]) if base is not None and base.input[0] == lp.input[0] else None
+            if w0 is None:
+                continue
+            blocks, outs = [w0] + blocks, [proj] + outs
+        graph.initializer.append(numpy_helper.from_array(np.concatenate(blocks, 1).astype(a_t.dtype), name))
+        graph.initializer.append(numpy_helper.from_array(np.array([b.shape[1] for b in blocks], np.int64), name + "_split"))
+        at = min(list(graph.node).index(n) for n in (lp, base) if n is not None)
+        graph.node.insert(at, helper.make_node("Split", [name + "_out", name + "_split"], outs, axis=-1,
+                                               name=name + "_split"))
         graph.node.insert(at, helper.make_node("MatMul", [lp.input[0], name], [name + "_out"], name=name))
         graph.node.remove(lp)
         graph.node.remove(router)
+        if base is not None:
+            graph.node.remove(base)
         merged += 1
     onnx.save_model(model, str(out))
     print(f"merged LP + router of {merged} layers into one GEMM each", file=sys.stderr)
@@ -113,7 +127,8 @@ def merge_lp_router(src: Path, out: Path) -> Path:
 REFERENCE = {"base fused": "base", "lily-deploy fused": "base fused", "lily-deploy fused LP+router": "base fused"}
 # the rewritten graphs must give their source's logits
 REWRITTEN_FROM = {"lily-deploy LP+router GEMM": "lily-deploy (sample, HPMix)",
-                  "lily-deploy fused LP+router": "lily-deploy fused"}
+                  "lily-deploy fused LP+router": "lily-deploy fused",
+                  "lily-deploy W0+LP+router GEMM": "lily-deploy (sample, HPMix)"}
 
 
 def main() -> None:
@@ -158,6 +173,7 @@ def main() -> None:
         "lily-deploy fused": work / "lily.fused.onnx",
         "lily-deploy LP+router GEMM": work / "lily.merged.onnx",
         "lily-deploy fused LP+router": work / "lily.fused.merged.onnx",
+        "lily-deploy W0+LP+router GEMM": work / "lily.merged-base.onnx",
     }
     builders = {
         "base": lambda p: export_onnx(source="minilm", output=p, validation=False),
@@ -172,6 +188,8 @@ def main() -> None:
         # experimental rewrite of the two graphs above (checked against them below)
         "lily-deploy LP+router GEMM": lambda p: merge_lp_router(paths["lily-deploy (sample, HPMix)"], p),
         "lily-deploy fused LP+router": lambda p: merge_lp_router(paths["lily-deploy fused"], p),
+        "lily-deploy W0+LP+router GEMM": lambda p: merge_lp_router(paths["lily-deploy (sample, HPMix)"], p,
+                                                                  into_base=True),
     }
     for name, build in builders.items():
         if not (args.reuse and paths[name].exists()):
