@@ -2,7 +2,9 @@
 (sample routing, lily::HPMix), and folded; and the base and the Lily model fused for onnxruntime
 (``export --optimize onnxruntime``: Attention / MultiHeadAttention, SkipLayerNorm, BiasGelu) -- in one
 interleaved run, medians, ratios to the base and to each row's own reference (a fused Lily graph
-against the fused base), with the per-round ratios. Three experimental rows rewrite the Lily graphs
+against the fused base), with the per-round ratios. The row "base fused, split q/k/v" is the fused base
+with its packed Attention unpacked into q/k/v MatMuls + MultiHeadAttention, the form the fused Lily graph
+must take: what the unpacking alone costs. Three experimental rows rewrite the Lily graphs
 (``merge_lp_router``): each layer's LP and router as one GEMM (raw and fused), and the base projection,
 LP and router as one GEMM (raw), each checked against the graph it comes from before anything is timed.
 
@@ -62,7 +64,7 @@ def merge_lp_router(src: Path, out: Path, into_base: bool = False) -> Path:
     MatMul on ``x``. ``into_base`` (raw graphs): the base projection's ``x W0^T`` too, one GEMM per
     adapted layer. Not (yet) a stage of ``export``: these rows measure what the rewrite is worth.
     """
-    from lily_deploy.graph_optimize import _projection
+    from lily_deploy.graph_optimize import adapter_term_adds
     import numpy as np
     import onnx
     from onnx import helper, numpy_helper
@@ -88,6 +90,7 @@ def merge_lp_router(src: Path, out: Path, into_base: bool = False) -> Path:
             routers.append(producer.get(n.input[1]))
         elif n.op_type == "Softmax" and n.input[0] in producer:
             routers.append(producer[n.input[0]])
+    term_adds = adapter_term_adds(graph)  # the base projection of each Lily term, found before any rewrite
     merged = 0
     for k, router in enumerate(r for r in routers if r is not None and r.op_type == "MatMul"):
         lp = producer.get(router.input[0])
@@ -100,8 +103,7 @@ def merge_lp_router(src: Path, out: Path, into_base: bool = False) -> Path:
         blocks, outs, base = [a_t, a_t @ r_t], [lp.output[0], router.output[0]], None
         if into_base:  # the projection MatMul(x, W0^T) under the Add that takes this layer's term
             term = next(n.output[0] for n in graph.node if n.domain == "lily" and n.input[1] == router.output[0])
-            add = next(n for n in graph.node if n.op_type == "Add" and term in n.input)
-            proj = _projection(producer, next(i for i in add.input if i != term))
+            proj = term_adds[term][2]
             base = producer.get(proj)
             w0 = weight(base.input[1]) if base is not None and base.input[0] == lp.input[0] else None
             if w0 is None:
@@ -125,11 +127,13 @@ def merge_lp_router(src: Path, out: Path, into_base: bool = False) -> Path:
 
 
 # the row each row is compared with (besides the base): a fused Lily graph against the fused base
-REFERENCE = {"base fused": "base", "lily-deploy fused": "base fused", "lily-deploy fused LP+router": "base fused"}
+REFERENCE = {"base fused": "base", "lily-deploy fused": "base fused", "lily-deploy fused LP+router": "base fused",
+             "base fused, split q/k/v": "base fused"}
 # the rewritten graphs must give their source's logits
 REWRITTEN_FROM = {"lily-deploy LP+router GEMM": "lily-deploy (sample, HPMix)",
                   "lily-deploy fused LP+router": "lily-deploy fused",
-                  "lily-deploy W0+LP+router GEMM": "lily-deploy (sample, HPMix)"}
+                  "lily-deploy W0+LP+router GEMM": "lily-deploy (sample, HPMix)",
+                  "base fused, split q/k/v": "base fused"}
 
 
 def main() -> None:
@@ -156,6 +160,7 @@ def main() -> None:
 
     from lily_deploy.onnx_export import export_onnx
     from lily_deploy.folding import fold
+    from benchmarks.ort_profile import attention_as_mha
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="lily-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -172,6 +177,7 @@ def main() -> None:
         "lily-deploy folded": work / "folded.onnx",
         "base fused": work / "base.fused.onnx",
         "lily-deploy fused": work / "lily.fused.onnx",
+        "base fused, split q/k/v": work / "base-mha.fused.onnx",
         "lily-deploy LP+router GEMM": work / "lily.merged.onnx",
         "lily-deploy fused LP+router": work / "lily.fused.merged.onnx",
         "lily-deploy W0+LP+router GEMM": work / "lily.merged-base.onnx",
@@ -186,6 +192,9 @@ def main() -> None:
         # fused for onnxruntime (export --optimize onnxruntime), validated against torch like every export
         "base fused": lambda p: export_onnx(source="minilm", output=p, optimize="onnxruntime"),
         "lily-deploy fused": lambda p: export_onnx(source=adapter, output=p, routing="sample", optimize="onnxruntime"),
+        # the fused base with its packed Attention as q/k/v MatMuls + MultiHeadAttention, the structure the
+        # fused Lily graph must have (its q and v projections take the term): what unpacking costs
+        "base fused, split q/k/v": lambda p: attention_as_mha(paths["base fused"], p),
         # experimental rewrite of the two graphs above (checked against them below)
         "lily-deploy LP+router GEMM": lambda p: merge_lp_router(paths["lily-deploy (sample, HPMix)"], p),
         "lily-deploy fused LP+router": lambda p: merge_lp_router(paths["lily-deploy fused"], p),

@@ -224,17 +224,20 @@ def function_body(mode: str, masked: bool, opset: int, rank: int, num_hp: int):
         elif mode == "sample":
             axis1 = ints("axis1", [1])
             if masked:
-                m = node("CastLike", ["mask", probs], ["m"])
-                m3 = node("Unsqueeze", [m, ints("minus1", [-1])], ["m3"])  # [B, T, 1]
-                weighted = node("Mul", [probs, m3], ["weighted"])
-                num = node("ReduceSum", [weighted, axis1], ["num"], keepdims=0)  # [B, E]
-                den = node("ReduceSum", [m3, axis1], ["den"], keepdims=0)  # [B, 1]
+                # p = s * sum_t w_t P_t with w = mask / max(count, 1): one [B,1,T] @ [B,T,E] MatMul per layer.
+                # w depends on the mask and s only, the same in every layer, so onnxruntime computes it once
+                # (common-subexpression elimination across the inlined bodies).
+                m = node("CastLike", ["mask", probs], ["m"])  # [B, T]
+                den = node("ReduceSum", [m, axis1], ["den"], keepdims=1)  # [B, 1]
                 one = node("CastLike", [node("Constant", [], ["one_f"], value_float=1.0), probs], ["one_t"])
-                p = node("Div", [num, node("Max", [den, one], ["den_safe"])], ["p"])  # [B, E]
+                w = node("Div", [node("Mul", [m, scale_t], ["m_scaled"]), node("Max", [den, one], ["den_safe"])],
+                         ["w"])  # [B, T]
+                w3 = node("Unsqueeze", [w, axis1], ["w3"])  # [B, 1, T]
+                p = node("MatMul", [w3, probs], ["p_scaled"])  # [B, 1, E]
             else:
-                p = node("ReduceMean", [probs, axis1], ["p"], keepdims=0)  # [B, E]
-            p = node("Mul", [p, scale_t], ["p_scaled"])
-            b_flat = node("MatMul", [p, pool], ["b_flat"])  # [B, r*d]
+                p = node("ReduceMean", [probs, axis1], ["p"], keepdims=1)  # [B, 1, E]
+                p = node("Mul", [p, scale_t], ["p_scaled"])
+            b_flat = node("MatMul", [p, pool], ["b_flat"])  # [B, 1, r*d]
             b_mix = node("Reshape", [b_flat, ints("b_shape", [0, rank, -1])], ["b_mix"])  # [B, r, d]
         else:
             raise ValueError(f"no ONNX body for routing mode {mode!r}")

@@ -89,13 +89,8 @@ def lift_adapter_terms(model) -> list[tuple[str, str]]:
     from onnx import helper
 
     graph = model.graph
-    producer = {o: n for n in graph.node for o in n.output}
-    terms = {n.output[0] for n in graph.node if n.domain == LILY_DOMAIN}
     lifted = []
-    for add in [n for n in graph.node if n.op_type == "Add" and set(n.input) & terms]:
-        term = next(i for i in add.input if i in terms)
-        base = next((i for i in add.input if i != term), None)
-        projection = _projection(producer, base)
+    for term, (add, base, projection) in adapter_term_adds(graph).items():
         if projection is None:
             raise LilyDeployError(f"--optimize onnxruntime: the Lily term {term} is not added to a base "
                                   "projection MatMul(x, W) + b; cannot lift it out for fusion")
@@ -105,6 +100,22 @@ def lift_adapter_terms(model) -> list[tuple[str, str]]:
     for name in {n for pair in lifted for n in pair}:
         graph.output.append(helper.make_empty_tensor_value_info(name))
     return lifted
+
+
+def adapter_term_adds(graph) -> dict:
+    """``term -> (add, base, projection)`` for every ``base + lily::HPMix(...)`` Add of ``graph``.
+
+    ``base`` is the Add's other input (the base layer's ``x W + b``), ``projection`` the ``MatMul(x, W)``
+    output under it (None when there is none): where a rewrite finds the base layer of a Lily term.
+    """
+    producer = {o: n for n in graph.node for o in n.output}
+    terms = {n.output[0] for n in graph.node if n.domain == LILY_DOMAIN}
+    found = {}
+    for add in (n for n in graph.node if n.op_type == "Add" and set(n.input) & terms):
+        term = next(i for i in add.input if i in terms)
+        base = next((i for i in add.input if i != term), None)
+        found[term] = (add, base, _projection(producer, base))
+    return found
 
 
 def _projection(producer: dict, base: Optional[str]) -> Optional[str]:
