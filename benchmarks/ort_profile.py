@@ -13,7 +13,8 @@ and the time outside kernels; and the fused Lily model against the fused base wi
 Attention unpacked into q/k/v MatMuls + MultiHeadAttention (``base-mha``: the structure the fused
 Lily graph has), which separates the adapter's cost from the unpacking's. The Lily ``lily::HPMix`` bodies are inlined by onnxruntime, so
 their MatMul / Softmax / ReduceSum / ... land in those op types; the node counts show how many
-nodes each op type has in each graph.
+nodes each op type has in each graph. A second table splits the MatMuls by shape, with the GMAC/s each
+kind reaches in the Lily graph: the adapter's small GEMMs against the base projections.
 
 Sessions are created here rather than through ``runtime.ort.ort_session`` (which has no
 profiling switch), with the same settings: ORT_ENABLE_ALL, idle threads not spinning.
@@ -133,7 +134,16 @@ def per_run_op_times(profile_file: str, warmup: int) -> tuple[list[dict[str, flo
         op = e.get("args", {}).get("op_name", "?")
         per_run[k][op] += e["dur"]
         nodes[op].add(e["name"])
+        if op == "MatMul":  # MatMuls also by shape: which GEMMs the adapter adds and how fast each kind runs
+            key = f"MatMul {_shapes(e['args'].get('input_type_shape'))} -> {_shapes(e['args'].get('output_type_shape'))}"
+            per_run[k][key] += e["dur"]
+            nodes[key].add(e["name"])
     return per_run, {op: len(v) for op, v in nodes.items()}, [b - a for a, b in runs]
+
+
+def _shapes(typed) -> str:
+    """``[{"float": [1, 128, 384]}, ...]`` (the profiler's shapes) as ``1x128x384, ...``."""
+    return ", ".join("x".join(str(d) for d in next(iter(t.values()))) for t in (typed or []))
 
 
 def profile(paths: dict, batch: int, args, work: Path) -> dict:
@@ -154,14 +164,14 @@ def profile(paths: dict, batch: int, args, work: Path) -> dict:
         per_run, nodes, totals = per_run_op_times(sess.end_profiling(), args.warmup)
         ops = sorted({op for r in per_run for op in r})
         med = {op: statistics.median(r.get(op, 0.0) for r in per_run) / 1000 for op in ops}
-        kernels = statistics.median(sum(r.values()) for r in per_run) / 1000
+        kernels = statistics.median(sum(t for op, t in r.items() if not op.startswith("MatMul ")) for r in per_run) / 1000
         out[key] = {"ops": med, "nodes": nodes, "run_ms": statistics.median(totals) / 1000, "kernels_ms": kernels}
     return out
 
 
 def print_table(batch: int, variant: str, res: dict, reference: str = "base") -> None:
     base, lily = res[(reference, variant)], res[("lily", variant)]
-    ops = sorted(set(base["ops"]) | set(lily["ops"]),
+    ops = sorted((op for op in set(base["ops"]) | set(lily["ops"]) if not op.startswith("MatMul ")),
                  key=lambda op: -(lily["ops"].get(op, 0) - base["ops"].get(op, 0)))
     print(f"\nbatch {batch}, {variant} graphs ({'--optimize onnxruntime' if variant == 'fused' else 'as exported'})"
           f", lily vs {reference}; ms per run, median; sorted by what Lily adds")
@@ -177,6 +187,26 @@ def print_table(batch: int, variant: str, res: dict, reference: str = "base") ->
               f"| {lily[key] - base[key]:+.3f} |")
     outside = (base["run_ms"] - base["kernels_ms"], lily["run_ms"] - lily["kernels_ms"])
     print(f"| outside kernels | {outside[0]:.3f} | {outside[1]:.3f} | | {outside[1] - outside[0]:+.3f} |")
+    shapes = sorted((op for op in set(base["ops"]) | set(lily["ops"]) if op.startswith("MatMul ")),
+                    key=lambda op: -lily["ops"].get(op, 0))
+    print(f"\nMatMul by input shapes -> output shape, batch {batch}, {variant}: ms per run (nodes), and GMAC/s")
+    print(f"| MatMul | {reference} ms (nodes) | lily ms (nodes) | lily GMAC/s |")
+    print("|---|---:|---:|---:|")
+    for op in shapes:
+        b, l = base["ops"].get(op, 0.0), lily["ops"].get(op, 0.0)
+        rate = f"{lily['nodes'].get(op, 0) * _macs(op) / l / 1e6:.1f}" if l else "-"
+        print(f"| {op[len('MatMul '):]} | {b:.3f} ({base['nodes'].get(op, 0)}) | {l:.3f} ({lily['nodes'].get(op, 0)}) "
+              f"| {rate} |")
+
+
+def _macs(key: str) -> int:
+    """Multiply-adds of one MatMul from its shape key (``a x b x M x K, ... x K x N -> ... x M x N``)."""
+    ins, out = key[len("MatMul "):].split(" -> ")
+    k = int(ins.split(", ")[0].split("x")[-1])
+    total = 1
+    for d in out.split("x"):
+        total *= int(d)
+    return total * k
 
 
 def cpu_name() -> str:
