@@ -5,8 +5,9 @@ checkpoint) or a base model name (``minilm``) in torch eager (and torch on CUDA 
 is), an ONNX file on onnxruntime's CPU (and its CUDA provider where present), an engine on
 TensorRT (GPU only; skipped with the reason elsewhere). For each batch size and sequence
 length every runner gets the same inputs; after warm-up the runners take turns call by call,
-the starting runner rotating each round, so a noisy, shared machine slows all of them alike and
-their ratios stay fair. Reported per runner and shape: p50 / p90 / p99 / mean latency and
+backend by backend, the starting runner rotating each round, so a noisy, shared machine slows all
+of them alike and their ratios stay fair; a backend's first call after another backend's is
+untimed (torch's OpenMP threads go on spinning after a call and would slow the next runner). Reported per runner and shape: p50 / p90 / p99 / mean latency and
 throughput (samples/s at the median). With ``base``, each row also gets its latency ratio to
 the base model's row of the same backend and shape: the adapter's overhead.
 
@@ -563,23 +564,38 @@ def _measure_shape(config: BenchConfig, runners: list[BenchTarget], batch: int, 
 
 def _time_interleaved(active: list[tuple[BenchTarget, Callable[[], None]]], warmup: int, iters: int,
                       bar) -> dict[str, list[float]]:
-    """Milliseconds per call of each runner; the starting runner rotates each round, GC held off,
-    so a noisy machine slows every runner alike."""
+    """Milliseconds per call of each runner, in turns, GC held off, so a noisy machine slows every runner alike.
+
+    Runners take turns backend by backend, the starting runner (and backend) rotating each round.
+    When the run switches backend, that backend's next runner first makes one untimed call, so no
+    timed call follows another backend's: torch's OpenMP threads spin for a while after a call and
+    slowed whichever onnxruntime runner came next (fused MiniLM, Lily / base on onnxruntime read
+    0.98 with torch runners in the turn, 1.11 with this, as in an onnxruntime-only run).
+    """
     for _ in range(warmup):
         for r, call in active:
             call()
             bar.update()
+    groups: dict[str, list[tuple[BenchTarget, Callable[[], None]]]] = {}
+    for r, call in active:
+        groups.setdefault(r.backend, []).append((r, call))
+    order = list(groups.values())
     times: dict[str, list[float]] = {r.name: [] for r, _ in active}
     gc.collect()
     gc.disable()
     try:
         for i in range(iters):
-            k = i % len(active) if active else 0
-            for r, call in active[k:] + active[:k]:
-                t0 = time.perf_counter()
-                call()
-                times[r.name].append((time.perf_counter() - t0) * 1000.0)
-                bar.update()
+            g = i % len(order) if order else 0
+            for group in order[g:] + order[:g]:
+                k = i % len(group)
+                turn = group[k:] + group[:k]
+                if len(order) > 1:
+                    turn[0][1]()  # settles the previous backend's threads; untimed
+                for r, call in turn:
+                    t0 = time.perf_counter()
+                    call()
+                    times[r.name].append((time.perf_counter() - t0) * 1000.0)
+                    bar.update()
     finally:
         gc.enable()
     return times

@@ -173,3 +173,30 @@ def test_config_is_validated_naming_the_field_or_flag(lily_onnx):
     for args, flag in ((("--threads", "0"), "--threads"), (("--warmup", "-1"), "--warmup")):
         r = CliRunner().invoke(cli, ["bench", str(lily_onnx), *args])
         assert r.exit_code == 2 and f"'{flag}'" in r.output and "Traceback" not in r.output, r.output
+
+
+def test_no_timed_call_follows_another_backends_call():
+    """torch's spinning OpenMP threads slow whatever runs next: each backend's turn opens with an untimed call."""
+    from lily_deploy.benchmark import BenchModel, BenchTarget, _time_interleaved
+
+    class Bar:
+        def update(self, n=1):
+            pass
+
+    calls = []  # (backend, runner label) in the order made
+    active = []
+    for label, backend in [("base", "torch"), ("lily", "torch"), ("base", "onnxruntime"), ("lily", "onnxruntime")]:
+        target = BenchTarget(BenchModel(label, label, "torch" if backend == "torch" else "onnx"), backend, runner=None)
+        active.append((target, lambda key=(backend, label): calls.append(key)))
+    times = _time_interleaved(active, warmup=1, iters=6, bar=Bar())
+    assert {k: len(v) for k, v in times.items()} == {t.name: 6 for t, _ in active}
+    timed = calls[len(active):]  # after the warm-up round
+    assert len(timed) == 6 * (len(active) + 2)  # one untimed call per backend turn
+    # every call is preceded by a call of the same backend, except each turn's untimed opener
+    switches = [i for i in range(1, len(timed)) if timed[i][0] != timed[i - 1][0]]
+    for i in switches:
+        assert timed[i + 1][0] == timed[i][0], f"call {i + 1} ({timed[i + 1]}) is timed right after a switch"
+    # the runner that goes first in its backend's turn rotates
+    openers = [timed[i] for i in [0] + switches]
+    assert {o[1] for o in openers if o[0] == "torch"} == {"base", "lily"}
+    assert {o[0] for o in openers} == {"torch", "onnxruntime"}
