@@ -244,7 +244,7 @@ def print_report(args, built: dict, vocab: int, results: dict, timed_s: float) -
     fold = built["fold"]
     print(f"CPU: {cpu_name()} ({os.cpu_count()} logical CPUs)")
     print(f"onnxruntime {ort.__version__} CPUExecutionProvider, {args.threads} intra-op threads, ORT_ENABLE_ALL, "
-          "no spinning (lily_deploy.runtime.ort settings)")
+          "threads spin only while a run lasts (lily_deploy.runtime.ort settings)")
     print(f"decoder: random LlamaForCausalLM, hidden {args.hidden}, {args.layers} layers, {args.heads} heads "
           f"({args.kv_heads} kv), intermediate {args.intermediate}, vocab {vocab}; Lily r {args.rank}, E "
           f"{args.num_hp}, LP stride {args.stride} on {','.join(TARGETS)} (random non-zero)")

@@ -17,7 +17,7 @@ nodes each op type has in each graph. A second table splits the MatMuls by shape
 kind reaches in the Lily graph: the adapter's small GEMMs against the base projections.
 
 Sessions are created here rather than through ``runtime.ort.ort_session`` (which has no
-profiling switch), with the same settings: ORT_ENABLE_ALL, idle threads not spinning.
+profiling switch), with the same settings: ORT_ENABLE_ALL, threads spinning only while a run lasts.
 """
 from __future__ import annotations
 
@@ -105,9 +105,12 @@ def attention_as_mha(src: Path, out: Path) -> Path:
 def profiled_session(path: Path, threads: int, prefix: Path):
     import onnxruntime as ort
 
+    from lily_deploy.runtime.ort import SPIN_IN_RUN
+
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    for key, value in SPIN_IN_RUN.items():
+        so.add_session_config_entry(key, value)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
     so.enable_profiling = True

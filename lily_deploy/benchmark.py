@@ -7,8 +7,9 @@ TensorRT (GPU only; skipped with the reason elsewhere). For each batch size and 
 length every runner gets the same inputs; after warm-up the runners take turns call by call,
 backend by backend, the starting runner rotating each round, so a noisy, shared machine slows all
 of them alike and their ratios stay fair; a backend's first call after another backend's is
-untimed (torch's OpenMP threads go on spinning after a call and would slow the next runner). Reported per runner and shape: p50 / p90 / p99 / mean latency and
-throughput (samples/s at the median). With ``base``, each row also gets its latency ratio to
+untimed (torch's OpenMP threads go on spinning after a call and would slow the next runner).
+Reported per runner and shape: p50 / p90 / p99 / mean latency and throughput (samples/s at the
+median). With ``base``, each row also gets its latency ratio to
 the base model's row of the same backend and shape: the adapter's overhead.
 
 Memory, per runner: the weights it holds (torch parameters and buffers, ONNX initializers,
@@ -17,8 +18,8 @@ loads only that model and runs the largest shape (``VmHWM``: interpreter, runtim
 activations; on CUDA also ``torch.cuda.max_memory_allocated``). Measuring it in the shared
 process would credit one runner with what another allocated.
 
-onnxruntime runs with spinning off (``session.intra_op.allow_spinning=0``) so its idle threads
-do not steal the CPU from the next runner; torch uses ``threads`` threads (its OpenMP threads
+onnxruntime's threads spin only while a run lasts (``runtime.ort.SPIN_IN_RUN``), so its idle
+threads do not steal the CPU from the next runner; torch uses ``threads`` threads (its OpenMP threads
 wait as the environment says: ``OMP_WAIT_POLICY=PASSIVE`` on a loaded machine).
 
 One :class:`BenchConfig` describes the run::
