@@ -30,7 +30,7 @@ ADAPTER_META = "lily_deploy.switchable"
 ADAPTER_PREFIX = "adapter."
 ADAPTER_SUFFIX = ".onnx_adapter"
 # threads spin during a run, so the many small ops of a dynamic Lily graph pay no thread wake-up each,
-# and stop at its end (left spinning, one session's threads halved the next one's speed on 2 cores).
+# and stop at its end (threads left spinning after a run slow the next session on a 2-core machine).
 # benchmarks/ort_spinning.py, MiniLM, 2 threads, batch 1: every graph 4-10% faster than with spinning off,
 # Lily / base 1.047 raw and 1.070 fused against 1.083 and 1.104
 SPIN_IN_RUN = {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1"}
