@@ -183,8 +183,7 @@ def print_table(batch: int, variant: str, res: dict, reference: str = "base") ->
     for op in ops:
         b, l = base["ops"].get(op, 0.0), lily["ops"].get(op, 0.0)
         ratio = f"{l / b:.3f}" if b else "new"
-        print(f"| {op} | {b:.3f} ({base['nodes'].get(op, 0)}) | {l:.3f} ({lily['nodes'].get(op, 0)}) | {ratio} "
-              f"| {l - b:+.3f} |")
+        print(f"| {op} | {_cells(base, lily, op)} | {ratio} | {l - b:+.3f} |")
     for label, key in (("all kernels", "kernels_ms"), ("model_run", "run_ms")):
         print(f"| **{label}** | {base[key]:.3f} | {lily[key]:.3f} | {lily[key] / base[key]:.3f} "
               f"| {lily[key] - base[key]:+.3f} |")
@@ -196,10 +195,14 @@ def print_table(batch: int, variant: str, res: dict, reference: str = "base") ->
     print(f"| MatMul | {reference} ms (nodes) | lily ms (nodes) | lily GMAC/s |")
     print("|---|---:|---:|---:|")
     for op in shapes:
-        b, l = base["ops"].get(op, 0.0), lily["ops"].get(op, 0.0)
+        l = lily["ops"].get(op, 0.0)
         rate = f"{lily['nodes'].get(op, 0) * _macs(op) / l / 1e6:.1f}" if l else "-"
-        print(f"| {op[len('MatMul '):]} | {b:.3f} ({base['nodes'].get(op, 0)}) | {l:.3f} ({lily['nodes'].get(op, 0)}) "
-              f"| {rate} |")
+        print(f"| {op[len('MatMul '):]} | {_cells(base, lily, op)} | {rate} |")
+
+
+def _cells(base: dict, lily: dict, op: str) -> str:
+    """``ms (nodes) | ms (nodes)`` of one op type (or MatMul shape) in the reference and the Lily graph."""
+    return " | ".join(f"{r['ops'].get(op, 0.0):.3f} ({r['nodes'].get(op, 0)})" for r in (base, lily))
 
 
 def _macs(key: str) -> int:
@@ -220,15 +223,20 @@ def cpu_name() -> str:
     return proc_cpu_name() or platform.machine()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--adapter", type=Path, default=None)
+def add_graph_args(ap: argparse.ArgumentParser) -> None:
+    """The flags every MiniLM benchmark here shares: the adapter (or a random one's size), batches, sequence, threads."""
+    ap.add_argument("--adapter", type=Path, default=None, help="a MiniLM Lily adapter (default: a random one)")
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--num-hp", type=int, default=4)
     ap.add_argument("--stride", type=int, default=2)
     ap.add_argument("--batch-sizes", default="1,8")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_graph_args(ap)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--runs", type=int, default=20, help="profiled runs per graph at batch 1 (fewer at larger batches)")
     ap.add_argument("--workdir", type=Path, default=None)

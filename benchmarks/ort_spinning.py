@@ -25,18 +25,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore")
 
+from benchmarks.ort_profile import add_graph_args  # noqa: E402  (after the path insert)
+
 SETTINGS = {"in-run": None, "off": {"session.intra_op.allow_spinning": "0"}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--adapter", type=Path, default=None)
-    ap.add_argument("--rank", type=int, default=32)
-    ap.add_argument("--num-hp", type=int, default=4)
-    ap.add_argument("--stride", type=int, default=2)
-    ap.add_argument("--batch-sizes", default="1,8")
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=2)
+    add_graph_args(ap)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=20, help="timed calls per session and round at batch 1 (fewer at larger batches)")
     ap.add_argument("--rounds", type=int, default=7)
