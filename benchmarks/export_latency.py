@@ -22,14 +22,13 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore")
 
-from benchmarks.ort_profile import add_graph_args  # noqa: E402  (after the path insert)
+from benchmarks.ort_profile import add_graph_args, interleaved_rounds, minilm_feeds  # noqa: E402  (after the path insert)
 
 
 def export_naive(adapter: Path, out: Path) -> Path:
@@ -213,23 +212,12 @@ def main() -> None:
             sys.exit(f"{new}: the rewrite changed the logits by {err:.2e}")
     results = {}
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
-        ids = rng.integers(1000, 20000, (bs, args.seq_len)).astype(np.int64)
-        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-        for s in sessions.values():
-            for _ in range(args.warmup):
-                s.run(None, feeds)
+        feeds = minilm_feeds(rng, bs, args.seq_len)
         times = {k: [] for k in sessions}
         ratios = {k: [] for k in sessions}
         ref_ratios = {k: [] for k in sessions}
         iters = max(10, args.iters // max(1, bs // 2))
-        order = list(sessions)
-        for _ in range(args.rounds):
-            round_times = {k: [] for k in sessions}
-            for i in range(iters):
-                for k in order[i % len(order):] + order[:i % len(order)]:  # rotate who goes first
-                    t = time.perf_counter()
-                    sessions[k].run(None, feeds)
-                    round_times[k].append(time.perf_counter() - t)
+        for round_times in interleaved_rounds(sessions, feeds, args.warmup, iters, args.rounds):
             for k, v in round_times.items():
                 times[k].extend(v)
                 ratios[k].append(statistics.median(v) / statistics.median(round_times["base"]))

@@ -149,13 +149,40 @@ def _shapes(typed) -> str:
     return ", ".join("x".join(str(d) for d in next(iter(t.values()))) for t in (typed or []))
 
 
+def minilm_feeds(rng, batch: int, seq_len: int) -> dict:
+    """MiniLM inputs: ``batch`` rows of ``seq_len`` random token ids drawn from ``rng``, no padding."""
+    import numpy as np
+
+    ids = rng.integers(1000, 20000, (batch, seq_len)).astype(np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+
+
+def interleaved_rounds(sessions: dict, feeds: dict, warmup: int, iters: int, rounds: int) -> list[dict]:
+    """Per round, each session's call times in seconds: ``warmup`` calls each, then ``rounds`` of ``iters``
+    turns in which every session runs once, the one going first rotating, so all see the same machine."""
+    import time
+
+    for s in sessions.values():
+        for _ in range(warmup):
+            s.run(None, feeds)
+    order = list(sessions)
+    out = []
+    for _ in range(rounds):
+        times = {k: [] for k in sessions}
+        for i in range(iters):
+            for k in order[i % len(order):] + order[:i % len(order)]:
+                t = time.perf_counter()
+                sessions[k].run(None, feeds)
+                times[k].append(time.perf_counter() - t)
+        out.append(times)
+    return out
+
+
 def profile(paths: dict, batch: int, args, work: Path) -> dict:
     """Run every session ``args.runs`` times (after warm-up), interleaved; return per-op medians in ms."""
     import numpy as np
 
-    rng = np.random.default_rng(0)
-    ids = rng.integers(1000, 20000, (batch, args.seq_len)).astype(np.int64)
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    feeds = minilm_feeds(np.random.default_rng(0), batch, args.seq_len)
     sessions = {key: profiled_session(p, args.threads, work / f"prof_b{batch}_{key[0]}_{key[1]}")
                 for key, p in paths.items()}
     order = list(sessions)

@@ -18,14 +18,13 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore")
 
-from benchmarks.ort_profile import add_graph_args  # noqa: E402  (after the path insert)
+from benchmarks.ort_profile import add_graph_args, interleaved_rounds, minilm_feeds  # noqa: E402  (after the path insert)
 
 SETTINGS = {"in-run": None, "off": {"session.intra_op.allow_spinning": "0"}}
 
@@ -59,20 +58,10 @@ def main() -> None:
     print(f"onnxruntime {ort.__version__}, {args.threads} threads, sequence {args.seq_len}, CPU: {cpu_name()}")
     print("spinning 'in-run': allow_spinning=1, force_spinning_stop=1 (the runtime layer's); 'off': allow_spinning=0")
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
-        ids = rng.integers(1000, 20000, (batch, args.seq_len)).astype(np.int64)
-        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-        for s in sessions.values():
-            for _ in range(args.warmup):
-                s.run(None, feeds)
+        feeds = minilm_feeds(rng, batch, args.seq_len)
         iters = max(5, args.iters // max(1, batch // 2))
         rounds = {k: [] for k in sessions}
-        for _ in range(args.rounds):
-            times = {k: [] for k in sessions}
-            for i in range(iters):
-                for k in order[i % len(order):] + order[:i % len(order)]:
-                    t = time.perf_counter()
-                    sessions[k].run(None, feeds)
-                    times[k].append(time.perf_counter() - t)
+        for times in interleaved_rounds(sessions, feeds, args.warmup, iters, args.rounds):
             for k, v in times.items():
                 rounds[k].append(1000 * statistics.median(v))
         ref = ("base raw", "off")
